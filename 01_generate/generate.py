@@ -1,0 +1,78 @@
+"""Stage 1: sample several candidate responses per prompt with vLLM on Ray Data.
+
+    python 01_generate/generate.py --config configs/quickstart/01_generate.yaml
+    python 01_generate/generate.py --config configs/quickstart/01_generate.yaml --set sampling.n=8 --force
+    python 01_generate/generate.py --config configs/gpu/01_generate.yaml --dry-run   # plan only, no GPU needed
+
+Reads the prompts named by `data` (the ACLSum train split by default), renders them with the model's chat template,
+skips (and counts) prompts too long for the context, and writes one row per candidate to
+`<output_dir>/01_generate/` (parquet + manifest.json).
+"""
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import schema as S  # noqa: E402
+from common.data import load_prompts  # noqa: E402
+from common.errors import UserError, cli  # noqa: E402
+from common.generation import SKIP, engine_asks, generate, tokenize_prompts  # noqa: E402
+from common.config import resolve  # noqa: E402
+from common.io import StageOutput, fingerprint  # noqa: E402
+from common.ray_setup import Ask, check_fits, init_ray, print_plan  # noqa: E402
+from common.stage import parse  # noqa: E402
+
+STAGE = "01_generate"
+
+
+@cli
+def main() -> None:
+    args, cfg = parse(STAGE, __doc__)
+    asks = engine_asks(cfg.engine) + [Ask("tokenize / pre- / post-process task", 1, {"CPU": 0.25})]
+    print_plan(STAGE, asks, cfg.ray)
+    if args.dry_run:
+        return
+    check_fits(STAGE, asks, cfg.ray)
+    prompts = load_prompts(cfg.data, cfg.prompt, args.config)
+    source = {"dir": cfg.data.path, "fingerprint": fingerprint(resolve(cfg.data.path))}
+    out = StageOutput(cfg, STAGE, upstream=source, force=args.force)
+    if out.reusable():
+        return
+
+    init_ray(cfg.ray)
+    import ray
+
+    t0 = time.time()
+    # Block count set at read time: an all-to-all repartition() would want a whole free CPU and can hang on 2 cores.
+    blocks = max(1, min(len(prompts), 4 * cfg.engine.concurrency))
+    tokenized = tokenize_prompts(ray.data.from_items(prompts, override_num_blocks=blocks), cfg.model,
+                                 cfg.sampling.max_tokens).materialize()  # small, and read twice below
+    skipped = tokenized.filter(lambda r: bool(r[SKIP])).select_columns([S.PROMPT_ID, SKIP]).take_all()
+    if len(skipped) == len(prompts):
+        raise UserError(f"{args.config}: all {len(prompts)} prompts are longer than model.max_model_len - "
+                        f"sampling.max_tokens; raise model.max_model_len or shorten the prompts")
+
+    out.begin()
+    generate(tokenized, cfg.model, cfg.engine, cfg.sampling).write_parquet(str(out.data))
+    seconds = time.time() - t0
+
+    written = ray.data.read_parquet(str(out.data))
+    n_rows = written.count()
+    tokens = int(written.sum(S.NUM_RESPONSE_TOKENS) or 0)
+    truncated = written.filter(lambda r: r[S.FINISH_REASON] == "length").count()
+    stats = {
+        "prompts": len(prompts), "prompts_skipped": len(skipped),
+        "skipped": [{S.PROMPT_ID: r[S.PROMPT_ID], "reason": r[SKIP]} for r in skipped],
+        "candidates": n_rows, "generated_tokens": tokens, "hit_max_tokens": truncated,
+        "tokens_per_second": round(tokens / seconds, 1), "generate_seconds": round(seconds, 1),
+    }
+    manifest = out.commit(rows={"candidates": n_rows}, stats=stats)
+    print(f"[{STAGE}] {len(prompts) - len(skipped)} prompts x {cfg.sampling.n} candidates = {n_rows} responses, "
+          f"{tokens} tokens in {seconds:.0f}s ({stats['tokens_per_second']} tokens/s, engine start included); "
+          f"{len(skipped)} prompts skipped as too long, {truncated} responses hit max_tokens. "
+          f"Output: {manifest['dir']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

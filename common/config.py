@@ -1,0 +1,386 @@
+"""One schema for every stage config, and the loader that turns a YAML file + `--set` overrides into it.
+
+Every key has a default, unknown keys are errors (with the closest valid key suggested), and any problem is one
+line naming the YAML file: `load_config` raises `UserError`, which the stage's `cli` wrapper turns into exit 2.
+Stage 3 accepts LLMForge's DPO keys verbatim (`preference_tuning_config`, `logprob_processor_scaling_config`,
+`num_data_blocks_per_device`, `lora_config`, `model_id`, ...).
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from common.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+PosInt = Field(gt=0)
+
+
+class Base(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+# ---------------------------------------------------------------- shared blocks
+class RayConfig(Base):
+    address: Optional[str] = None  # None: start a local Ray; "auto": join the cluster this runs on
+    num_cpus: Optional[float] = None  # local Ray only; None = all cores
+    # Declared on a local Ray so GPU-shaped configs (accelerator_type:A10G ...) schedule for real on a laptop.
+    local_resources: dict[str, float] = {"accelerator_type:A10G": 8.0, "accelerator_type:A100": 8.0}
+    env_vars: dict[str, str] = {}  # extra env vars for every Ray worker
+
+
+class DataConfig(Base):
+    path: str = "data/aclsum/train.jsonl"  # jsonl, parquet, a folder of either, or a `save_to_disk` folder
+    # our name -> your column. `id` is optional (a stable hash of the text is used), `reference` is optional.
+    # Give `messages` instead of `text` when the column already holds chat messages.
+    columns: dict[str, str] = {"id": "id", "text": "abstract"}
+    limit: Optional[int] = Field(default=None, gt=0)  # first N rows only (quick runs)
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, v):
+        bad = set(v) - {"id", "text", "messages", "reference"}
+        if bad:
+            raise ValueError(f"unknown column role(s) {sorted(bad)}; roles are id, text, messages, reference")
+        if ("text" in v) == ("messages" in v):
+            raise ValueError("map exactly one of `text` or `messages` to a column")
+        return v
+
+
+class PromptConfig(Base):
+    system: Optional[str] = None  # optional system message
+    template: str = "{text}"  # user message; {text} is the mapped text column
+
+    @field_validator("template")
+    @classmethod
+    def _has_text(cls, v):
+        if "{text}" not in v:
+            raise ValueError("the template must contain {text}")
+        return v
+
+
+class ModelConfig(Base):
+    path: str = "models/smollm2-135m-instruct"  # a local HF folder (or a hub id on a cluster with network)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    max_model_len: int = Field(default=2048, gt=0)  # prompt + response tokens; longer prompts are skipped
+    trust_remote_code: bool = False  # off by default: runs code shipped with the model
+
+
+class EngineConfig(Base):
+    """vLLM replicas on Ray Data (`ray.data.llm`): one block per model, like the Anyscale scaling_config."""
+
+    batch_size: int = Field(default=64, gt=0)  # rows per Ray Data batch sent to one replica
+    concurrency: int = Field(default=1, gt=0)  # vLLM replicas (data parallel)
+    tensor_parallel_size: int = Field(default=1, gt=0)  # GPUs per replica
+    accelerator_type: Optional[str] = None  # e.g. A10G; None = CPU (the default here)
+    num_cpus: float = Field(default=1.0, gt=0)  # CPU bundle per replica when accelerator_type is None
+    kv_cache_gib: int = Field(default=1, gt=0)  # CPU only: VLLM_CPU_KVCACHE_SPACE
+    max_num_seqs: int = Field(default=128, gt=0)  # sequences decoded together; higher -> more KV memory
+    engine_kwargs: dict[str, Any] = {}  # passed to vLLM as is
+
+
+class SamplingConfig(Base):
+    n: int = Field(default=4, gt=0)  # candidates per prompt
+    temperature: float = Field(default=0.8, ge=0)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    max_tokens: int = Field(default=128, gt=0)
+    stop: list[str] = []
+    seed: int = 0  # candidate k of prompt p always gets the same seed: reruns give the same text
+
+
+class StageBase(Base):
+    output_dir: str = "outputs/quickstart"  # each stage writes <output_dir>/<NN_stage>/
+    ray: RayConfig = RayConfig()
+
+
+# ---------------------------------------------------------------- stage 1
+class GenerateConfig(StageBase):
+    data: DataConfig = DataConfig()
+    prompt: PromptConfig = PromptConfig()
+    model: ModelConfig = ModelConfig()
+    engine: EngineConfig = EngineConfig()
+    sampling: SamplingConfig = SamplingConfig()
+
+
+# ---------------------------------------------------------------- stage 2
+class SimilarityJudgeConfig(Base):
+    embedder: str = "models/all-MiniLM-L6-v2"  # sentence-transformers folder
+    batch_size: int = Field(default=64, gt=0)
+    concurrency: int = Field(default=1, gt=0)  # embedder actors
+    num_cpus: float = Field(default=1.0, gt=0)  # per embedder actor
+
+
+class LLMJudgeConfig(Base):
+    model: ModelConfig = ModelConfig()
+    engine: EngineConfig = EngineConfig()
+    max_tokens: int = Field(default=512, gt=0)
+    temperature: float = Field(default=0.0, ge=0)
+    guided_json: bool = True  # ask vLLM for JSON-schema-constrained output
+
+
+class QuizConfig(Base):
+    num_questions: int = Field(default=5, gt=0)  # questions written per source text
+    num_options: int = Field(default=5, ge=2)  # choices per question
+
+
+class RubricConfig(Base):
+    prompt: str = (
+        "Rate how well the summary captures the source faithfully and concisely, from 1 (bad) to {scale_max}"
+        " (excellent).\n\nSource:\n{source}\n\nSummary:\n{response}"
+    )
+    scale_max: int = Field(default=10, gt=1)
+    pairwise: bool = False  # A/B mode: ask both orders, keep only consistent verdicts
+
+
+class JudgeConfig(Base):
+    type: Literal["similarity", "rubric", "quiz"] = "similarity"
+    similarity: SimilarityJudgeConfig = SimilarityJudgeConfig()
+    llm: LLMJudgeConfig = LLMJudgeConfig()  # the judge model for `rubric` and `quiz`
+    quiz: QuizConfig = QuizConfig()
+    rubric: RubricConfig = RubricConfig()
+
+
+class FilterConfig(Base):
+    min_words: int = Field(default=5, ge=0)
+    max_words: int = Field(default=200, gt=0)
+    invalid_chars: str = r"[<>{}\[\]|\\^~`#*_]|<\|"  # regex: a match removes the candidate
+    drop_duplicates: bool = True  # identical texts of one prompt are kept once
+
+
+class PairingConfig(Base):
+    """Anyscale's rule: if either is below `quality_threshold`, higher quality wins (by at least
+    `quality_margin`); otherwise the shorter wins when at least `min_length_gap` words shorter."""
+
+    quality_threshold: float = 3.0
+    quality_margin: float = Field(default=0.0, ge=0)
+    min_length_gap: int = Field(default=3, ge=0)
+    max_pairs_per_prompt: int = Field(default=3, gt=0)
+
+
+class JudgeStageConfig(StageBase):
+    input_dir: str = "${output_dir}/01_generate"
+    judge: JudgeConfig = JudgeConfig()
+    filters: FilterConfig = FilterConfig()
+    pairing: PairingConfig = PairingConfig()
+    seed: int = 0
+
+
+# ---------------------------------------------------------------- stage 3 (LLMForge-compatible keys)
+class LogprobProcessorScalingConfig(Base):
+    custom_resources: dict[str, float] = {"accelerator_type:A10G": 0.001}  # per reference actor
+    concurrency: Union[int, tuple[int, int]] = 1  # reference actors (int, or (min, max) to autoscale)
+    batch_size: int = Field(default=4, gt=0)  # pairs per reference forward
+    num_cpus: float = Field(default=0.5, gt=0)  # per actor; fractional so 2 cores never deadlock
+    num_gpus: float = Field(default=0.0, ge=0)  # per actor on GPU clusters
+
+    @field_validator("concurrency")
+    @classmethod
+    def _positive(cls, v):
+        lo, hi = (v, v) if isinstance(v, int) else v
+        if lo < 1 or hi < lo:
+            raise ValueError("concurrency must be a positive int or (min, max) with 1 <= min <= max")
+        return v
+
+
+class PreferenceTuningConfig(Base):
+    beta: float = Field(default=0.1, gt=0)  # higher keeps the policy closer to the reference
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"  # TRL's names
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)  # `robust` only: assumed label noise
+    logprob_processor_scaling_config: LogprobProcessorScalingConfig = LogprobProcessorScalingConfig()
+    reference_backend: Literal["transformers", "vllm"] = "transformers"  # vllm: prompt_logprobs, with TP
+    reference_tensor_parallel_size: int = Field(default=1, gt=0)  # vllm backend: GPUs per reference
+    step0_tolerance: float = Field(default=0.05, gt=0)  # warn if |policy - ref| log-probs differ more at step 0
+
+
+class LoraConfig(Base):
+    r: int = Field(default=8, gt=0)
+    lora_alpha: int = Field(default=16, gt=0)
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    task_type: Literal["CAUSAL_LM"] = "CAUSAL_LM"
+    bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: list[str] = []
+
+
+class DPOStageConfig(StageBase):
+    input_dir: str = "${output_dir}/02_judge"  # stage 2's output; or give train_path
+    train_path: Optional[str] = None  # your own TRL-format pairs (jsonl/parquet): prompt, chosen, rejected
+    task: Literal["preference_tuning"] = "preference_tuning"
+    model_id: str = "models/smollm2-135m-instruct"  # the SFT model: policy init
+    reference_model_id: Optional[str] = None  # None = model_id (the usual DPO setup)
+    dtype: Literal["float32", "bfloat16"] = "float32"  # policy and reference; bf16 on GPUs
+    context_length: int = Field(default=512, gt=0)  # max prompt + response tokens per sequence
+    max_prompt_length: int = Field(default=384, gt=0)  # prompts are cut from the left to this first
+    truncation: Literal["drop", "truncate_response"] = "drop"  # what to do with pairs that still do not fit
+    num_devices: int = Field(default=1, gt=0)  # training workers
+    worker_resources: dict[str, float] = {"accelerator_type:A100": 0.001}  # custom resources per worker
+    num_cpus_per_worker: float = Field(default=1.0, gt=0)
+    use_gpu: bool = False
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp shards the policy for models that do not fit one GPU
+    deepspeed: Optional[dict[str, Any]] = None  # LLMForge key: accepted, mapped to strategy=fsdp
+    num_epochs: int = Field(default=1, gt=0)
+    learning_rate: float = Field(default=5e-6, gt=0)
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    train_batch_size_per_device: int = Field(default=4, gt=0)  # pairs per step per worker
+    gradient_accumulation_steps: int = Field(default=1, gt=0)
+    padding: Literal["longest"] = "longest"  # LLMForge key; we always pad to the longest in the batch
+    lora_config: Optional[LoraConfig] = LoraConfig()  # null = full fine-tuning
+    preference_tuning_config: PreferenceTuningConfig = PreferenceTuningConfig()
+    num_data_blocks_per_device: int = Field(default=8, gt=0)  # finer blocks keep the reference pool fed
+    num_checkpoints_to_keep: int = Field(default=1, gt=0)
+    checkpoint_every_n_steps: int = Field(default=0, ge=0)  # 0 = at the end of each epoch only
+    max_failures: int = Field(default=2, ge=-1)  # worker-group restarts from the last checkpoint
+    logging_steps: int = Field(default=1, gt=0)
+    seed: int = 0
+
+
+# ---------------------------------------------------------------- stage 4
+class CompareModel(Base):
+    name: str
+    path: Optional[str] = None  # an HF model folder to generate with
+    outputs: Optional[str] = None  # or a jsonl of another system's outputs: {"id": ..., "response": ...}
+
+
+class EvaluateStageConfig(StageBase):
+    dpo_dir: str = "${output_dir}/03_dpo_train"  # the final model is read from this stage's manifest
+    judge_dir: str = "${output_dir}/02_judge"  # the judge config is read from stage 2's manifest
+    baseline: CompareModel = CompareModel(name="sft", path="models/smollm2-135m-instruct")
+    others: list[CompareModel] = []  # more systems in the same table
+    data: DataConfig = DataConfig(path="data/aclsum/test.jsonl", columns={"id": "id", "text": "abstract"})
+    prompt: PromptConfig = PromptConfig()
+    model: ModelConfig = ModelConfig()  # dtype/max_model_len for every generated model (path is ignored)
+    engine: EngineConfig = EngineConfig()
+    sampling: SamplingConfig = SamplingConfig(n=1, temperature=0.0)  # greedy, like the Anyscale eval
+    bootstrap_samples: int = Field(default=1000, gt=0)  # for the win-rate 95% interval
+    num_examples: int = Field(default=3, ge=0)  # side-by-side examples in report.md
+    seed: int = 0
+
+
+STAGES: dict[str, type[StageBase]] = {
+    "01_generate": GenerateConfig,
+    "02_judge": JudgeStageConfig,
+    "03_dpo_train": DPOStageConfig,
+    "04_evaluate": EvaluateStageConfig,
+}
+
+
+# ---------------------------------------------------------------- loading
+def _set_dotted(cfg: dict, dotted: str, value: Any, where: str) -> None:
+    keys = dotted.split(".")
+    node = cfg
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise UserError(f"{where}: --set {dotted}: '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def _interpolate(node: Any, scalars: dict[str, Any]) -> Any:
+    if isinstance(node, str):
+        def sub(m):
+            if m.group(1) not in scalars:
+                raise KeyError(m.group(1))
+            return str(scalars[m.group(1)])
+        return re.sub(r"\$\{(\w+)\}", sub, node)
+    if isinstance(node, dict):
+        return {k: _interpolate(v, scalars) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, scalars) for v in node]
+    return node
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys allowed at `loc` (to suggest the closest one for a typo)."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        ann = getattr(field, "annotation", None)
+        for cand in (ann, *getattr(ann, "__args__", ())):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                model = cand
+                break
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def _explain(err: ValidationError, schema: type[BaseModel], where: str) -> str:
+    e = err.errors()[0]
+    loc = tuple(p for p in e["loc"] if not isinstance(p, int) or True)
+    key = ".".join(str(p) for p in loc)
+    if e["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(loc[-1]), _valid_keys(schema, loc), n=1)
+        hint = f"did you mean '{'.'.join(map(str, loc[:-1] + (close[0],)))}'?" if close else \
+            f"valid keys here: {', '.join(_valid_keys(schema, loc))}"
+        return f"{where}: unknown key '{key}' ({hint})"
+    got = e.get("input")
+    got = f" (got {json.dumps(got, default=str)[:60]})" if not isinstance(got, dict) else ""
+    msg = e["msg"].removeprefix("Value error, ")
+    return f"{where}: '{key}': {msg}{got}"
+
+
+def load_config(stage: str, path: str, overrides: list[str] = ()) -> StageBase:
+    """Read `path` (YAML) for `stage`, apply `key.sub=value` overrides, validate. Raises UserError."""
+    schema = STAGES[stage]
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {path} not found (the configs live in configs/quickstart/ and configs/gpu/)")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{at} is not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item}: expected key.sub=value (e.g. --set preference_tuning_config.beta=0.05)")
+        k, v = item.split("=", 1)
+        _set_dotted(raw, k.strip(), yaml.safe_load(v) if v else "", path)
+    scalars = {k: v for k, v in raw.items() if isinstance(v, (str, int, float))}
+    scalars.setdefault("output_dir", schema.model_fields["output_dir"].default)
+    try:
+        raw = _interpolate(raw, scalars)
+    except KeyError as e:
+        raise UserError(f"{path}: ${{{e.args[0]}}} refers to no top-level key; define it or spell it out") from None
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(_explain(e, schema, path)) from None
+
+
+def config_hash(cfg: BaseModel, *exclude: str) -> str:
+    """A stable fingerprint of what a stage computes (ray/output settings excluded)."""
+    d = cfg.model_dump(mode="json", exclude={"ray", *exclude})
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve(path: str) -> Path:
+    """Config paths are relative to the repo root, so scripts work from any working directory."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else REPO / p
+
+
+def require_model(path: str, where: str) -> str:
+    """A local HF model folder, or a hub id where the hub is reachable (a GPU cluster). Raises UserError."""
+    p = resolve(path)
+    if (p / "config.json").is_file():
+        return str(p)
+    if p.exists():
+        raise UserError(f"{where}: {path} has no config.json, so it is not an HF model folder")
+    if os.environ.get("HF_HUB_OFFLINE") == "0" and re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        return path  # a hub id, downloaded by each worker on a cluster with network
+    hint = "run `bash scripts/setup.sh` to prepare the embedded models" if "models/" in path else \
+        "give a local HF model folder"
+    raise UserError(f"{where}: model {path} not found: {hint}")

@@ -1,0 +1,81 @@
+"""Prompt data: the embedded ACLSum splits or your own file, turned into prompt rows.
+
+Reads jsonl, parquet, a folder of either, or an HF dataset folder written by `save_to_disk`. The config's column map
+names which of your columns is the text (or ready-made chat messages), the id and an optional reference. Each prompt
+row gets a stable id: your id column, or a hash of the text.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pandas as pd
+
+from common import schema as S
+from common.config import DataConfig, PromptConfig, resolve
+from common.errors import UserError
+
+
+def _read_table(path: Path, where: str) -> pd.DataFrame:
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+            import datasets
+
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                raise UserError(f"{where}: {path} holds splits {list(ds)}; point data.path at one split folder")
+            return ds.to_pandas()
+        files = sorted([*path.glob("*.jsonl"), *path.glob("*.json"), *path.glob("*.parquet")])
+        if not files:
+            raise UserError(f"{where}: {path} has no .jsonl/.parquet files and is not a save_to_disk folder")
+        return pd.concat([_read_table(f, where) for f in files], ignore_index=True)
+    try:
+        if path.suffix == ".parquet":
+            return pd.read_parquet(path)
+        if path.suffix in (".jsonl", ".json"):
+            return pd.read_json(path, lines=path.suffix == ".jsonl", dtype=False)
+    except ValueError as e:
+        raise UserError(f"{where}: cannot parse {path} ({str(e).splitlines()[0][:120]}); "
+                        f"expected one JSON object per line") from None
+    raise UserError(f"{where}: {path}: unsupported file type '{path.suffix}' (use .jsonl, .parquet or a folder)")
+
+
+def load_prompts(data: DataConfig, prompt: PromptConfig, where: str) -> list[dict]:
+    """Prompt rows: PROMPT_ID, PROMPT (chat messages), SOURCE, REFERENCE. Raises UserError on bad input."""
+    path = resolve(data.path)
+    if not path.exists():
+        hint = "run `bash scripts/setup.sh` to prepare it" if "data/aclsum" in data.path else "check data.path"
+        raise UserError(f"{where}: data.path {data.path} not found; {hint}")
+    df = _read_table(path, where)
+    if data.limit:
+        df = df.head(data.limit)
+    if df.empty:
+        raise UserError(f"{where}: {data.path} has no rows; nothing to do")
+    missing = [f"{role} -> '{col}'" for role, col in data.columns.items() if col not in df.columns]
+    if missing:
+        raise UserError(f"{where}: data.columns maps {', '.join(missing)} but {data.path} has columns "
+                        f"{list(df.columns)}; fix data.columns")
+    rows = []
+    for rec in df.to_dict("records"):
+        if "messages" in data.columns:
+            messages = [{"role": m["role"], "content": m["content"]} for m in rec[data.columns["messages"]]]
+            source = messages[-1]["content"]
+        else:
+            source = str(rec[data.columns["text"]] or "")
+            messages = ([{"role": "system", "content": prompt.system}] if prompt.system else []) + [
+                {"role": "user", "content": prompt.template.format(text=source)}]
+        if not source.strip():
+            continue  # an empty text makes no prompt; counted below
+        pid = str(rec[data.columns["id"]]) if "id" in data.columns else \
+            hashlib.sha1(source.encode()).hexdigest()[:12]
+        ref = str(rec.get(data.columns.get("reference", ""), "") or "") if "reference" in data.columns else ""
+        rows.append({S.PROMPT_ID: pid, S.PROMPT: messages, S.SOURCE: source, S.REFERENCE: ref})
+    if not rows:
+        raise UserError(f"{where}: every row of {data.path} has an empty text column; nothing to do")
+    seen, dups = set(), []
+    for r in rows:
+        (dups.append if r[S.PROMPT_ID] in seen else seen.add)(r[S.PROMPT_ID])
+    if dups:
+        what = f"column '{data.columns['id']}' repeats" if "id" in data.columns else "the data repeats texts, ids"
+        raise UserError(f"{where}: prompt ids must be unique but {what} {dups[:3]}; deduplicate {data.path}")
+    return rows

@@ -1,0 +1,34 @@
+"""Column names, defined once. Stage scripts use these constants, never string literals.
+
+Stage 1 rows (one per candidate):  PROMPT_ID, PROMPT, SOURCE, REFERENCE, CANDIDATE, RESPONSE,
+                                   NUM_PROMPT_TOKENS, NUM_RESPONSE_TOKENS, FINISH_REASON
+Stage 2 rows (one per pair, TRL's conversational preference format):
+                                   PROMPT_ID, PROMPT, CHOSEN, REJECTED, SOURCE, + score/length columns below
+Stage 3 adds (TRL's names):        REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS
+"""
+
+PROMPT_ID = "prompt_id"  # stable id of a prompt (the data's id column, or a hash of the text)
+PROMPT = "prompt"  # chat messages: list of {"role", "content"}
+SOURCE = "source"  # the text the prompt was built from (what a judge checks faithfulness against)
+REFERENCE = "reference"  # optional human reference (ACLSum's summary); "" when absent
+CANDIDATE = "candidate_index"  # 0..n-1 within a prompt
+RESPONSE = "response"  # generated text
+NUM_PROMPT_TOKENS = "num_prompt_tokens"
+NUM_RESPONSE_TOKENS = "num_response_tokens"
+FINISH_REASON = "finish_reason"  # "stop" (eos or a stop string) or "length" (hit max_tokens)
+
+# judge outputs (stage 2 and 4)
+SCORE = "score"  # the judge's quality score of one response (higher is better)
+NUM_WORDS = "num_words"
+JUDGE_DETAIL = "judge_detail"  # JSON string: what the judge said (answers, raw text), for inspection
+
+# preference pairs (stage 2 -> 3)
+CHOSEN = "chosen"  # messages: [{"role": "assistant", "content": ...}]
+REJECTED = "rejected"
+CHOSEN_SCORE, REJECTED_SCORE = "chosen_score", "rejected_score"
+CHOSEN_WORDS, REJECTED_WORDS = "chosen_words", "rejected_words"
+PAIR_ID = "pair_id"
+
+# reference log-probs (stage 3), TRL's names
+REF_CHOSEN_LOGPS = "ref_chosen_logps"
+REF_REJECTED_LOGPS = "ref_rejected_logps"

@@ -1,0 +1,20 @@
+"""What every stage script's command line has in common: `--config`, `--set`, `--force`, `--dry-run`."""
+from __future__ import annotations
+
+import argparse
+
+from common.config import load_config
+
+
+def parse(stage: str, doc: str):
+    """Parse the command line and load the stage's config (UserError on anything wrong)."""
+    p = argparse.ArgumentParser(description=doc.strip().splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
+    p.add_argument("--config", required=True, help=f"YAML config, e.g. configs/quickstart/{stage}.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, dotted (repeatable): --set sampling.n=8")
+    p.add_argument("--force", action="store_true", help="redo even if a complete output of this config exists")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the config and print the resource plan; start nothing, write nothing")
+    args = p.parse_args()
+    return args, load_config(stage, args.config, args.set)

