@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.errors import UserError
 
@@ -112,36 +112,57 @@ class GenerateConfig(StageBase):
 
 # ---------------------------------------------------------------- stage 2
 class SimilarityJudgeConfig(Base):
+    """SCORE = cosine similarity of response and source embeddings (faithfulness); length is the pairing rule's."""
+
     embedder: str = "models/all-MiniLM-L6-v2"  # sentence-transformers folder
-    batch_size: int = Field(default=64, gt=0)
+    batch_size: int = Field(default=64, gt=0)  # responses per actor call
     concurrency: int = Field(default=1, gt=0)  # embedder actors
-    num_cpus: float = Field(default=1.0, gt=0)  # per embedder actor
+    num_cpus: float = Field(default=0.5, gt=0)  # per embedder actor; fractional so a read task fits beside it
 
 
 class LLMJudgeConfig(Base):
     model: ModelConfig = ModelConfig()
     engine: EngineConfig = EngineConfig()
-    max_tokens: int = Field(default=512, gt=0)
+    max_tokens: int = Field(default=512, gt=0)  # longest judge reply (quiz questions need the most)
     temperature: float = Field(default=0.0, ge=0)
     guided_json: bool = True  # ask vLLM for JSON-schema-constrained output
 
 
 class QuizConfig(Base):
     num_questions: int = Field(default=5, gt=0)  # questions written per source text
-    num_options: int = Field(default=5, ge=2)  # choices per question
+    num_options: int = Field(default=5, ge=2, le=26)  # choices per question
+    # Placeholders: {source} {num_questions} {num_options} {letters} {last_letter}
+    question_prompt: str = (
+        "Write {num_questions} multiple-choice questions that test the key facts of the text below. Each question"
+        " has exactly {num_options} options, labelled {letters}, and exactly one correct answer."
+        '\n\nReply with JSON only: {{"questions": [{{"question": "...", "options": ["...", ...],'
+        ' "answer": "A"}}, ...]}}\n\nText:\n{source}'
+    )
+    # Placeholders: {response} {questions} {num_questions} {letters} {last_letter}
+    answer_prompt: str = (
+        "Answer the questions using only the summary below, not what you know. If the summary does not say,"
+        ' answer "unsure".\n\nSummary:\n{response}\n\nQuestions:\n{questions}\n\nReply with JSON only, one'
+        ' answer per question, in order: {{"answers": ["A", "unsure", ...]}} (each one of {letters} or unsure)'
+    )
 
 
 class RubricConfig(Base):
+    # Placeholders: {source} {response} {scale_max}; the reply format ({"score": n}) is appended.
     prompt: str = (
         "Rate how well the summary captures the source faithfully and concisely, from 1 (bad) to {scale_max}"
         " (excellent).\n\nSource:\n{source}\n\nSummary:\n{response}"
     )
     scale_max: int = Field(default=10, gt=1)
     pairwise: bool = False  # A/B mode: ask both orders, keep only consistent verdicts
+    # Pairwise mode. Placeholders: {source} {a} {b}; the reply format ({"winner": "A"|"B"|"tie"}) is appended.
+    pairwise_prompt: str = (
+        "Which summary captures the source more faithfully and concisely?\n\nSource:\n{source}"
+        "\n\nSummary A:\n{a}\n\nSummary B:\n{b}"
+    )
 
 
 class JudgeConfig(Base):
-    type: Literal["similarity", "rubric", "quiz"] = "similarity"
+    type: Literal["similarity", "rubric", "quiz"] = "similarity"  # a new judge: common/judges/__init__.py
     similarity: SimilarityJudgeConfig = SimilarityJudgeConfig()
     llm: LLMJudgeConfig = LLMJudgeConfig()  # the judge model for `rubric` and `quiz`
     quiz: QuizConfig = QuizConfig()
@@ -151,17 +172,27 @@ class JudgeConfig(Base):
 class FilterConfig(Base):
     min_words: int = Field(default=5, ge=0)
     max_words: int = Field(default=200, gt=0)
-    invalid_chars: str = r"[<>{}\[\]|\\^~`#*_]|<\|"  # regex: a match removes the candidate
+    invalid_chars: str = r"[<>{}\[\]|\\^~`#*_]|<\|"  # regex: a match removes the candidate ("" = off)
+    drop_empty: bool = True  # blank responses are removed
     drop_duplicates: bool = True  # identical texts of one prompt are kept once
+
+    @field_validator("invalid_chars")
+    @classmethod
+    def _compiles(cls, v):
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"not a valid regular expression ({e})") from None
+        return v
 
 
 class PairingConfig(Base):
     """Anyscale's rule: if either is below `quality_threshold`, higher quality wins (by at least
     `quality_margin`); otherwise the shorter wins when at least `min_length_gap` words shorter."""
 
-    quality_threshold: float = 3.0
-    quality_margin: float = Field(default=0.0, ge=0)
-    min_length_gap: int = Field(default=3, ge=0)
+    quality_threshold: float = 3.0  # on the judge's SCORE scale (quiz: correct answers; similarity: cosine)
+    quality_margin: float = Field(default=0.0, ge=0)  # quality differences up to this are noise: no winner
+    min_length_gap: int = Field(default=3, ge=0)  # words
     max_pairs_per_prompt: int = Field(default=3, gt=0)
 
 
@@ -216,7 +247,7 @@ class DPOStageConfig(StageBase):
     task: Literal["preference_tuning"] = "preference_tuning"
     model_id: str = "models/smollm2-135m-instruct"  # the SFT model: policy init
     reference_model_id: Optional[str] = None  # None = model_id (the usual DPO setup)
-    dtype: Literal["float32", "bfloat16"] = "float32"  # policy and reference; bf16 on GPUs
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"  # policy and reference (AVX512-BF16 CPUs, GPUs)
     context_length: int = Field(default=512, gt=0)  # max prompt + response tokens per sequence
     max_prompt_length: int = Field(default=384, gt=0)  # prompts are cut from the left to this first
     truncation: Literal["drop", "truncate_response"] = "drop"  # what to do with pairs that still do not fit
@@ -247,9 +278,16 @@ class DPOStageConfig(StageBase):
 
 # ---------------------------------------------------------------- stage 4
 class CompareModel(Base):
-    name: str
+    name: str = Field(min_length=1)  # its column in the report
     path: Optional[str] = None  # an HF model folder to generate with
     outputs: Optional[str] = None  # or a jsonl of another system's outputs: {"id": ..., "response": ...}
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.outputs is None):
+            raise ValueError(f"model '{self.name}': give exactly one of `path` (a model to generate with) or "
+                             f"`outputs` (a jsonl of its responses)")
+        return self
 
 
 class EvaluateStageConfig(StageBase):
@@ -264,7 +302,33 @@ class EvaluateStageConfig(StageBase):
     sampling: SamplingConfig = SamplingConfig(n=1, temperature=0.0)  # greedy, like the Anyscale eval
     bootstrap_samples: int = Field(default=1000, gt=0)  # for the win-rate 95% interval
     num_examples: int = Field(default=3, ge=0)  # side-by-side examples in report.md
+    target_win_rate: float = Field(default=0.7, ge=0, le=1)  # the report checks DPO against these two
+    max_score_drop: float = Field(default=0.02, ge=0)  # in the judge's score units (mean, DPO vs baseline)
     seed: int = 0
+
+    @field_validator("sampling")
+    @classmethod
+    def _one_response(cls, v):
+        if v.n != 1:
+            raise ValueError("stage 4 compares one response per prompt and model; set sampling.n: 1")
+        return v
+
+    @field_validator("baseline")
+    @classmethod
+    def _not_dpo(cls, v):
+        if v.name == "dpo":
+            raise ValueError("`dpo` names the stage-3 model in the report; call the baseline something else")
+        return v
+
+    @field_validator("others")
+    @classmethod
+    def _unique_names(cls, v, info):
+        names = ["dpo", info.data["baseline"].name if "baseline" in info.data else "sft"] + [m.name for m in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"model names must be unique in the report (`dpo` is the stage-3 model); "
+                             f"{dup} repeats")
+        return v
 
 
 STAGES: dict[str, type[StageBase]] = {

@@ -21,3 +21,28 @@ def model_path() -> str:
     if not (MODEL / "config.json").exists():
         pytest.fail("models/ not prepared: run `bash scripts/setup.sh` (the README test command does)")
     return str(MODEL)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the in-process tests, with the custom resources GPU configs ask for."""
+    from common.config import RayConfig
+    from common.ray_setup import init_ray
+
+    import ray
+
+    init_ray(RayConfig())
+    yield ray
+    ray.shutdown()
+
+
+def run_stage(script: str, config: str, *sets: str, force: bool = False, timeout: int = 900):
+    """Run a stage script as a user would (its own process and Ray), returning the CompletedProcess."""
+    import subprocess
+
+    cmd = [sys.executable, str(REPO / script), "--config", str(config)]
+    for s in sets:
+        cmd += ["--set", s]
+    if force:
+        cmd.append("--force")
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,175 @@
+"""Stage 4: the DPO model against the SFT baseline on held-out prompts, as a report.
+
+    python 04_evaluate/evaluate.py --config configs/quickstart/04_evaluate.yaml
+    python 04_evaluate/evaluate.py --config configs/quickstart/04_evaluate.yaml --set data.limit=20 --force
+    python 04_evaluate/evaluate.py --config configs/gpu/04_evaluate.yaml --dry-run   # plan only, no GPU needed
+
+Reads the final model from stage 3's manifest (`dpo_dir`) and the judge from stage 2's (`judge_dir`), generates one
+response per held-out prompt with each model (greedy by default: stage 1's generation code, one Ray Data pipeline
+and one vLLM engine per model, one model at a time on the same Ray), takes `others` given as a jsonl of
+outputs as they are, scores every response with stage 2's judge, and writes `<output_dir>/04_evaluate/`:
+report.md (the table, the bar, side-by-side examples), metrics.json, PNG plots and the judged responses (data/).
+"""
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pandas as pd  # noqa: E402
+
+from common import report  # noqa: E402
+from common import schema as S  # noqa: E402
+from common.config import FilterConfig, JudgeConfig, PairingConfig, require_model, resolve  # noqa: E402
+from common.data import load_prompts  # noqa: E402
+from common.errors import UserError, cli  # noqa: E402
+from common.generation import SKIP, engine_asks, generate, tokenize_prompts  # noqa: E402
+from common.io import StageOutput, fingerprint, read_manifest  # noqa: E402
+from common.judges import build_judge  # noqa: E402
+from common.ray_setup import Ask, check_fits, init_ray, print_plan  # noqa: E402
+from common.stage import parse  # noqa: E402
+
+STAGE = "04_evaluate"
+TASK = Ask("tokenize / pre- / post-process task", 1, {"CPU": 0.25})
+
+
+def upstream(folder: str, stage: str, dry_run: bool):
+    """A stage's manifest; in a dry run a missing one is a note (the plan does not need it), not an error."""
+    try:
+        return read_manifest(folder, stage)
+    except UserError as e:
+        if not dry_run:
+            raise
+        print(f"[{STAGE}] note: {e}", flush=True)
+        return None
+
+
+def dpo_model(manifest: dict, folder: str) -> str:
+    path = manifest.get("model")
+    if not path:
+        raise UserError(f"{folder}: stage 3's manifest names no final model (training did not finish?); "
+                        f"rerun 03_dpo_train/train.py with --force")
+    return require_model(path, f"{folder}/manifest.json: model")
+
+
+def read_outputs(path: str, name: str, ids: list[str], where: str) -> dict[str, str]:
+    """{prompt id: response} from another system's jsonl of {"id", "response"}; every prompt must be answered."""
+    p = resolve(path)
+    if not p.is_file():
+        raise UserError(f"{where}: outputs file {path} of model '{name}' not found")
+    try:
+        df = pd.read_json(p, lines=True, dtype=False)
+    except ValueError as e:
+        raise UserError(f"{where}: cannot parse {path} ({str(e).splitlines()[0][:100]}); "
+                        f"expected one {{\"id\": ..., \"response\": ...}} per line") from None
+    if not {"id", "response"} <= set(df.columns):
+        raise UserError(f"{where}: {path} has columns {list(df.columns)}; it needs `id` and `response`")
+    got = dict(zip(df["id"].astype(str), df["response"].fillna("").astype(str)))
+    missing = [i for i in ids if i not in got]
+    if missing:
+        raise UserError(f"{where}: {path} has no response for {len(missing)} of the {len(ids)} prompts "
+                        f"(e.g. id {missing[0]}); answer every prompt id of data.path, or lower data.limit")
+    return {i: got[i] for i in ids}
+
+
+@cli
+def main() -> None:
+    args, cfg = parse(STAGE, __doc__)
+    # Stage 4 uses exactly stage 2's judge, filters and pairing rule: read them from its manifest.
+    judge_m = upstream(cfg.judge_dir, "02_judge", args.dry_run)
+    dpo_m = upstream(cfg.dpo_dir, "03_dpo_train", args.dry_run)
+    judge_cfg = JudgeConfig.model_validate(judge_m["config"]["judge"]) if judge_m else None
+    judge = build_judge(judge_cfg) if judge_cfg else None
+
+    # One model generates at a time (its engine stops before the next starts), then the judge scores them all.
+    gen_asks = engine_asks(cfg.engine, "vLLM engine (one model at a time)") + [TASK]
+    judge_asks = (judge.asks() if judge else []) + [TASK]
+    print_plan(f"{STAGE}: generation", gen_asks, cfg.ray)
+    print_plan(f"{STAGE}: judge ({judge_cfg.type if judge_cfg else f'read from {cfg.judge_dir} at run time'})",
+               judge_asks, cfg.ray)
+    if args.dry_run:
+        return
+    check_fits(STAGE, gen_asks, cfg.ray)
+    check_fits(STAGE, judge_asks, cfg.ray)
+
+    # Who is compared: the DPO model, the baseline, the others; a model folder generates, an outputs file is read.
+    prompts = load_prompts(cfg.data, cfg.prompt, args.config)
+    ids = [p[S.PROMPT_ID] for p in prompts]
+    systems = [("dpo", dpo_model(dpo_m, cfg.dpo_dir), None)]
+    for m in [cfg.baseline, *cfg.others]:
+        where = f"{args.config}: {'baseline' if m is cfg.baseline else 'others'} '{m.name}'"
+        systems.append((m.name, require_model(m.path, where), None) if m.path else
+                       (m.name, None, read_outputs(m.outputs, m.name, ids, args.config)))
+    names = [n for n, _, _ in systems]
+
+    # Reuse only if nothing it read changed: both manifests, the prompts and every outputs file.
+    inputs = [dpo_m["fingerprint"], dpo_m["created"], judge_m["fingerprint"], judge_m["created"],
+              fingerprint(resolve(cfg.data.path))] + \
+        [fingerprint(resolve(m.outputs)) for m in [cfg.baseline, *cfg.others] if m.outputs]
+    up = {"dir": dpo_m["dir"], "fingerprint": hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]}
+    out = StageOutput(cfg, STAGE, upstream=up, force=args.force)
+    if (done := out.reusable()):
+        print(f"\n{done['table']}\n\n[{STAGE}] Report: {done['dir']}/report.md", flush=True)
+        return
+
+    init_ray(cfg.ray)
+    import ray
+
+    t0, rows, skipped, gen_seconds = time.time(), [], {}, {}
+    blocks = max(1, min(len(prompts), 4 * cfg.engine.concurrency))
+    for name, path, answers in systems:
+        if answers is not None:
+            rows += [{S.PROMPT_ID: p[S.PROMPT_ID], S.SOURCE: p[S.SOURCE], S.REFERENCE: p[S.REFERENCE],
+                      report.SYSTEM: name, S.RESPONSE: answers[p[S.PROMPT_ID]], S.NUM_RESPONSE_TOKENS: -1,
+                      S.FINISH_REASON: ""} for p in prompts]
+            continue
+        t = time.time()
+        model = cfg.model.model_copy(update={"path": path})
+        tokenized = tokenize_prompts(ray.data.from_items(prompts, override_num_blocks=blocks), model,
+                                     cfg.sampling.max_tokens).materialize()  # small, and read twice below
+        skipped[name] = tokenized.filter(lambda r: bool(r[SKIP])).count()
+        for r in generate(tokenized, model, cfg.engine, cfg.sampling).take_all():
+            rows.append({k: r[k] for k in (S.PROMPT_ID, S.SOURCE, S.REFERENCE, S.RESPONSE, S.NUM_RESPONSE_TOKENS,
+                                           S.FINISH_REASON)} | {report.SYSTEM: name})
+        gen_seconds[name] = round(time.time() - t, 1)
+        print(f"[{STAGE}] {name}: {len(prompts) - skipped[name]} responses in {gen_seconds[name]:.0f}s "
+              f"(engine start included)", flush=True)
+
+    # Compare like with like: only prompts every model answered (a prompt too long for one model is dropped).
+    answered = pd.DataFrame(rows).groupby(S.PROMPT_ID)[report.SYSTEM].nunique()
+    common = set(answered[answered == len(systems)].index)
+    if not common:
+        raise UserError(f"{args.config}: no prompt was answered by every model (all too long for one of them?); "
+                        f"raise model.max_model_len or lower sampling.max_tokens")
+    order = {pid: i for i, pid in enumerate(ids)}  # a prompt's responses side by side: the judge embeds its source once
+    rows = sorted((r for r in rows if r[S.PROMPT_ID] in common), key=lambda r: order[r[S.PROMPT_ID]])
+
+    out.begin()
+    t = time.time()
+    judge_blocks = max(1, min(len(rows) // 8, 4 * max(a.count for a in judge_asks)))
+    judge.score(ray.data.from_items(rows, override_num_blocks=judge_blocks)).write_parquet(str(out.data))
+    judge_seconds = time.time() - t
+    df = pd.read_parquet(out.data).sort_values(S.PROMPT_ID, key=lambda c: c.map(order), kind="stable")
+
+    # Metrics, plots, report.md, metrics.json: all beside data/, so they land with the output.
+    notes = [f"{n}: {k} of {len(prompts)} prompts were too long for the context and skipped" for n, k in
+             skipped.items() if k]
+    if len(common) < len(prompts):
+        notes.append(f"{len(prompts) - len(common)} prompts not answered by every model are left out everywhere")
+    metrics, table = report.assemble(
+        out.tmp, df, names, cfg, judge=judge_cfg, filters=FilterConfig.model_validate(judge_m["config"]["filters"]),
+        pairing=PairingConfig.model_validate(judge_m["config"]["pairing"]), dpo_manifest=dpo_m, notes=notes,
+        models_used={n: p or "outputs file" for n, p, _ in systems})
+    stats = {"prompts": len(common), "generate_seconds": gen_seconds, "judge_seconds": round(judge_seconds, 1),
+             "win_rate": {n: w.get("win_rate") for n, w in metrics["win_rate"].items()}}
+    manifest = out.commit(rows={"responses": len(df)}, stats=stats, judge_dir=judge_m["dir"], table=table,
+                          report=str(out.final / "report.md"), metrics_file=str(out.final / "metrics.json"))
+    print(f"\n{table}\n", flush=True)
+    print(f"[{STAGE}] {len(names)} models x {len(common)} prompts judged in {time.time() - t0:.0f}s. "
+          f"Report: {manifest['dir']}/report.md", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""Stage 3's driver side: load pairs, tokenise, decide on the reference cache, run the TorchTrainer.
+
+The worker side is common.train_loop; the reference actors are common.reference.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from common import schema as S
+from common.config import DPOStageConfig, resolve
+from common.errors import UserError
+from common.io import fingerprint
+from common.ray_setup import Ask
+from common.tokenize import DROP_EMPTY, load_tokenizer, tokenize_pairs_batch
+
+
+def plan(cfg: DPOStageConfig) -> list[Ask]:
+    sc = cfg.preference_tuning_config.logprob_processor_scaling_config
+    lo = sc.concurrency if isinstance(sc.concurrency, int) else sc.concurrency[0]
+    worker = {"CPU": cfg.num_cpus_per_worker, **({"GPU": 1.0} if cfg.use_gpu else {}), **cfg.worker_resources}
+    ref = {"CPU": sc.num_cpus, **({"GPU": sc.num_gpus} if sc.num_gpus else {}), **sc.custom_resources}
+    backend = cfg.preference_tuning_config.reference_backend
+    return [
+        Ask(f"DPO train worker ({cfg.strategy})", cfg.num_devices, worker),
+        Ask(f"reference log-prob actor ({backend})", lo, ref),
+        Ask("tokenize / read task", 1, {"CPU": 0.25}),
+    ]
+
+
+def _as_messages(x, role: str) -> list[dict]:
+    if isinstance(x, str):
+        return [{"role": role, "content": x}]
+    return [{"role": m["role"], "content": m["content"]} for m in x]
+
+
+def load_pairs(cfg: DPOStageConfig, upstream: dict | None) -> tuple[list[dict], dict]:
+    """Pairs as TRL-format rows (conversational), with a stable pair id; and the input's identity."""
+    if upstream is not None:
+        data = Path(upstream["dir"]) / "data"
+        df = pd.read_parquet(data)
+        source = {"dir": upstream["dir"], "fingerprint": upstream["fingerprint"]}
+        where = f"{upstream['dir']}"
+    else:
+        from common.data import _read_table
+
+        path = resolve(cfg.train_path)
+        if not path.exists():
+            raise UserError(f"train_path {cfg.train_path} not found; give a jsonl/parquet of prompt/chosen/rejected")
+        df = _read_table(path, "train_path")
+        source = {"dir": cfg.train_path, "fingerprint": fingerprint(path)}
+        where = cfg.train_path
+    missing = [c for c in (S.PROMPT, S.CHOSEN, S.REJECTED) if c not in df.columns]
+    if missing:
+        raise UserError(f"{where}: preference pairs need columns prompt, chosen, rejected (TRL format); missing "
+                        f"{missing}, found {list(df.columns)}")
+    if df.empty:
+        raise UserError(f"{where}: no pairs; nothing to train on (rerun 02_judge with looser pairing rules)")
+    rows = []
+    for rec in df.to_dict("records"):
+        prompt = _as_messages(rec[S.PROMPT], "user")
+        chosen, rejected = _as_messages(rec[S.CHOSEN], "assistant"), _as_messages(rec[S.REJECTED], "assistant")
+        pid = rec.get(S.PAIR_ID) or hashlib.sha1(
+            json.dumps([prompt, chosen, rejected], sort_keys=True).encode()).hexdigest()[:16]
+        rows.append({S.PAIR_ID: str(pid), S.PROMPT: prompt, S.CHOSEN: chosen, S.REJECTED: rejected})
+    # One fixed shuffle: pairs of one prompt sit together in stage 2's output.
+    random.Random(cfg.seed).shuffle(rows)
+    return rows, source
+
+
+def tokenize_pairs(pairs: list[dict], cfg: DPOStageConfig, tokenizer_path: str, where: str):
+    """Ray Data: tokenise every pair with common.tokenize (the one function), drop what does not fit (counted).
+    Returns (materialised dataset of kept pairs, {drop reason: count})."""
+    import ray
+
+    blocks = max(1, min(len(pairs), cfg.num_devices * cfg.num_data_blocks_per_device))
+    ds = ray.data.from_items(pairs, override_num_blocks=blocks).map_batches(
+        _tokenize_batch, batch_size=64, num_cpus=0.25,
+        fn_kwargs=dict(tokenizer_path=tokenizer_path, max_length=cfg.context_length,
+                       max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation),
+    ).materialize()
+    reasons = ds.filter(lambda r: bool(r["drop_reason"])).select_columns(["drop_reason"]).take_all()
+    drops: dict[str, int] = {}
+    for r in reasons:
+        drops[r["drop_reason"]] = drops.get(r["drop_reason"], 0) + 1
+    if len(reasons) == len(pairs):
+        why = "have an empty response" if set(drops) == {DROP_EMPTY} else \
+            f"do not fit context_length={cfg.context_length}"
+        raise UserError(f"{where}: all {len(pairs)} pairs {why} ({drops}); raise context_length / "
+                        f"max_prompt_length or set truncation: truncate_response")
+    kept = ds.filter(lambda r: not r["drop_reason"]).drop_columns(["drop_reason"]).materialize()
+    return kept, drops
+
+
+def _tokenize_batch(batch, tokenizer_path, max_length, max_prompt_length, truncation):
+    tok = load_tokenizer(tokenizer_path)
+    return tokenize_pairs_batch(batch, tok, max_length, max_prompt_length, truncation,
+                                columns=(S.PROMPT, S.CHOSEN, S.REJECTED))
+
+
+def _model_identity(path: str) -> str:
+    """Cheap identity of a model folder (names, sizes, mtimes): hashing 14 GB of weights per run would not be."""
+    p = Path(path)
+    if not p.is_dir():
+        return path  # a hub id
+    items = sorted((str(f.relative_to(p)), f.stat().st_size, int(f.stat().st_mtime)) for f in p.rglob("*")
+                   if f.is_file())
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+
+def reference_cache(cfg: DPOStageConfig, ref_path: str, source: dict, upstream: dict | None) -> dict:
+    """Where the reference log-probs of this (reference model, data, tokenisation) live, and whether they exist.
+    Beside the pairs for stage-2 input (a rerun of stage 2 replaces both), under output_dir for `train_path`."""
+    ptc = cfg.preference_tuning_config
+    key = json.dumps({
+        "model": _model_identity(ref_path), "data": source["fingerprint"], "dtype": cfg.dtype,
+        "backend": ptc.reference_backend, "context_length": cfg.context_length,
+        "max_prompt_length": cfg.max_prompt_length, "truncation": cfg.truncation,
+    }, sort_keys=True)
+    fp = hashlib.sha256(key.encode()).hexdigest()[:16]
+    root = Path(upstream["dir"]) if upstream else resolve(cfg.output_dir)
+    path = root / "ref_logps" / f"{fp}.parquet"
+    return {"fingerprint": fp, "path": path, "hit": path.exists(), "tmp": root / "ref_logps" / f".{fp}.parts"}
+
+
+def write_reference_cache(cache: dict, num_pairs: int) -> None:
+    """Assemble the workers' shares into one file, only if every trained pair is covered exactly once."""
+    parts = sorted(cache["tmp"].glob("rank-*.parquet"))
+    if not parts:
+        return
+    df = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    if len(df) == num_pairs and df[S.PAIR_ID].is_unique:
+        tmp = cache["path"].with_suffix(".tmp")
+        df.to_parquet(tmp)
+        os.replace(tmp, cache["path"])
+    shutil.rmtree(cache["tmp"], ignore_errors=True)
+
+
+def _with_cached_logps(tokenized, cache_path: Path):
+    import ray
+
+    ref = pd.read_parquet(cache_path)
+    df = tokenized.to_pandas().merge(ref, on=S.PAIR_ID, how="left", validate="one_to_one")
+    if df[S.REF_CHOSEN_LOGPS].isna().any():
+        return None  # the cache does not cover these pairs: recompute
+    from common.reference import REF_PID
+
+    df[REF_PID] = -1  # from the cache, no process computed them in this run
+    return ray.data.from_pandas(df, override_num_blocks=tokenized.num_blocks())
+
+
+def train(cfg: DPOStageConfig, tokenized, cache: dict, policy: str, ref: str, work: Path, force: bool) -> dict:
+    """Run the TorchTrainer. `work` holds Ray Train's checkpoints and the metrics log: a rerun after a crash with the
+    same config resumes from the latest checkpoint there."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from common.config import config_hash
+    from common.reference import add_reference_logps
+    from common.train_loop import train_loop_per_worker
+
+    if force:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    num_pairs = tokenized.count()
+    ds = _with_cached_logps(tokenized, cache["path"]) if cache["hit"] else None
+    if ds is None:
+        cache["hit"] = False
+        shutil.rmtree(cache["tmp"], ignore_errors=True)
+        ds = add_reference_logps(tokenized, cfg, ref)
+    run_cfg = cfg.model_copy(update={"model_id": policy})
+    name = f"dpo-{config_hash(cfg, 'num_checkpoints_to_keep', 'max_failures', 'logging_steps')}"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": run_cfg.model_dump(mode="json"), "num_pairs": num_pairs,
+            "metrics_file": str(work / "metrics.jsonl"),
+            "ref_cache_tmp": None if cache["hit"] else str(cache["tmp"]),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_devices, use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.num_cpus_per_worker, **cfg.worker_resources}),
+        run_config=RunConfig(
+            name=name, storage_path=str(work / "ray"),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=cfg.max_failures)),
+        datasets={"train": ds},
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    if result.metrics and result.metrics.get("error"):
+        raise UserError(f"03_dpo_train: {result.metrics['error']}")
+    final = Path(result.checkpoint.path)
+    metrics = [json.loads(line) for line in open(work / "metrics.jsonl")] if (work / "metrics.jsonl").exists() else []
+    stats = {
+        "steps": metrics[-1]["step"] if metrics else 0,
+        "final_metrics": metrics[-1] if metrics else {},
+        "first_metrics": metrics[0] if metrics else {},
+        "step0_max_abs_logp_diff": next((m["step0_max_abs_logp_diff"] for m in metrics
+                                         if "step0_max_abs_logp_diff" in m), None),
+        "ref_wait_seconds": sum(m.get("ref_wait_seconds", 0.0) for m in metrics),
+        "train_seconds": sum(m.get("step_seconds", 0.0) * cfg.logging_steps for m in metrics),
+    }
+    return {"final_dir": final, "num_pairs": num_pairs, "metrics_file": work / "metrics.jsonl", "stats": stats,
+            "cleanup": lambda: shutil.rmtree(work, ignore_errors=True)}

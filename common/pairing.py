@@ -1,0 +1,163 @@
+"""The pairing rule: scored candidates -> (chosen, rejected) pairs. Anyscale's rule, on the judge's SCORE:
+
+    if either candidate scores below `quality_threshold`:
+        the higher score wins, if higher by at least `quality_margin` (and by more than 0)    -> "quality" pair
+    else:
+        the shorter wins, if shorter by at least `min_length_gap` words (and by at least 1)   -> "length" pair
+    anything else is a tie and is dropped; identical texts (up to whitespace) are never paired.
+
+At most `max_pairs_per_prompt` pairs per prompt are kept: the largest gaps first (score gap for quality pairs, word
+gap for length pairs), alternating between the two kinds so both lessons survive the cap, and equal gaps ordered by
+a hash of (seed, pair), so the choice is deterministic and independent of row order.
+
+`compare` is the same rule for one (a, b): stage 4 uses it for the win rate of a model against its baseline.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import defaultdict
+from typing import Any, Iterable
+
+import pandas as pd
+
+from common import schema as S
+from common.config import JudgeConfig, PairingConfig
+from common.errors import UserError
+from common.filters import normalize
+
+DECIDED_BY = "decided_by"  # "quality" or "length": which branch of the rule made the pair
+QUALITY, LENGTH = "quality", "length"
+
+
+def decide(a_score: float, a_words: int, b_score: float, b_words: int, cfg: PairingConfig) -> tuple[int, str]:
+    """(+1 if a wins, -1 if b wins, 0 for a tie, and the branch: "quality" or "length"). NaN scores tie."""
+    if math.isnan(a_score) or math.isnan(b_score):
+        return 0, QUALITY
+    if min(a_score, b_score) < cfg.quality_threshold:
+        diff = a_score - b_score
+        if abs(diff) > 0 and abs(diff) >= cfg.quality_margin:
+            return (1 if diff > 0 else -1), QUALITY
+        return 0, QUALITY
+    gap = b_words - a_words  # > 0: a is shorter
+    if abs(gap) >= max(cfg.min_length_gap, 1):
+        return (1 if gap > 0 else -1), LENGTH
+    return 0, LENGTH
+
+
+def compare(a_score: float, a_words: int, b_score: float, b_words: int, cfg: PairingConfig) -> int:
+    """+1 if the rule prefers a, -1 if it prefers b, 0 for a tie (NaN scores tie)."""
+    return decide(a_score, a_words, b_score, b_words, cfg)[0]
+
+
+def _tiebreak(seed: int, *parts: Any) -> int:
+    return int(hashlib.sha1("\x1f".join(map(str, (seed, *parts))).encode()).hexdigest()[:12], 16)
+
+
+def pair_id(prompt_id: str, chosen: str, rejected: str) -> str:
+    """Stable across reruns: a hash of the prompt id and both texts."""
+    return hashlib.sha1(f"{prompt_id}\x1f{chosen}\x1f{rejected}".encode()).hexdigest()[:16]
+
+
+def _select(decided: list[dict], cap: int, seed: int) -> list[dict]:
+    kinds = {QUALITY: [], LENGTH: []}
+    for p in decided:
+        kinds[p["kind"]].append(p)
+    for ps in kinds.values():
+        ps.sort(key=lambda p: (-p["gap"], _tiebreak(seed, p["key"])))
+    q, ln = kinds[QUALITY], kinds[LENGTH]
+    merged = [p for pair in zip(q, ln) for p in pair] + q[len(ln):] + ln[len(q):]
+    return merged[:cap]
+
+
+def pairs_for_prompt(rows: list[dict], cfg: PairingConfig, seed: int) -> tuple[list[dict], dict[str, int]]:
+    """One prompt's candidates (dicts with RESPONSE, SCORE, NUM_WORDS) -> (winner/loser dicts, counts)."""
+    counts = dict(ties_dropped=0, identical_skipped=0, over_cap=0)
+    rows = [r for r in rows if not math.isnan(float(r[S.SCORE]))]  # unparseable: never paired
+    decided = []
+    for i in range(len(rows)):
+        for j in range(i + 1, len(rows)):
+            a, b = rows[i], rows[j]
+            if normalize(a[S.RESPONSE]) == normalize(b[S.RESPONSE]):
+                counts["identical_skipped"] += 1
+                continue
+            verdict, kind = decide(float(a[S.SCORE]), int(a[S.NUM_WORDS]), float(b[S.SCORE]), int(b[S.NUM_WORDS]),
+                                   cfg)
+            if verdict == 0:
+                counts["ties_dropped"] += 1
+                continue
+            win, lose = (a, b) if verdict > 0 else (b, a)
+            gap = (float(win[S.SCORE]) - float(lose[S.SCORE]) if kind == QUALITY
+                   else int(lose[S.NUM_WORDS]) - int(win[S.NUM_WORDS]))
+            decided.append(dict(chosen=win, rejected=lose, kind=kind, gap=gap,
+                                key=(win[S.RESPONSE], lose[S.RESPONSE])))
+    kept = _select(decided, cfg.max_pairs_per_prompt, seed)
+    counts["over_cap"] = len(decided) - len(kept)
+    return kept, counts
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
+
+
+def make_pairs(scored: pd.DataFrame, cfg: PairingConfig, seed: int) -> tuple[list[dict], dict[str, Any]]:
+    """Scored, filtered candidates -> TRL conversational preference rows (see common.schema) and pairing stats.
+    Candidates with a NaN score (the judge's output was unparseable) are never paired."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in scored.to_dict("records"):
+        groups[r[S.PROMPT_ID]].append(r)
+    out, totals = [], defaultdict(int)
+    per_prompt = []
+    for pid in sorted(groups):
+        kept, counts = pairs_for_prompt(groups[pid], cfg, seed)
+        for k, v in counts.items():
+            totals[k] += v
+        per_prompt.append(len(kept))
+        for p in kept:
+            c, r = p["chosen"], p["rejected"]
+            out.append({
+                S.PAIR_ID: pair_id(pid, c[S.RESPONSE], r[S.RESPONSE]),
+                S.PROMPT_ID: pid,
+                S.PROMPT: _messages(c[S.PROMPT]),
+                S.CHOSEN: [{"role": "assistant", "content": c[S.RESPONSE]}],
+                S.REJECTED: [{"role": "assistant", "content": r[S.RESPONSE]}],
+                S.SOURCE: c[S.SOURCE],
+                S.CHOSEN_SCORE: float(c[S.SCORE]), S.REJECTED_SCORE: float(r[S.SCORE]),
+                S.CHOSEN_WORDS: int(c[S.NUM_WORDS]), S.REJECTED_WORDS: int(r[S.NUM_WORDS]),
+                DECIDED_BY: p["kind"],
+            })
+    with_pairs = [n for n in per_prompt if n]
+    stats = {
+        "pairs": len(out),
+        "pairs_by_rule": {k: sum(p[DECIDED_BY] == k for p in out) for k in (QUALITY, LENGTH)},
+        **totals,
+        "prompts": len(per_prompt), "prompts_with_pairs": len(with_pairs),
+        "pairs_per_prompt_mean": round(len(out) / len(with_pairs), 2) if with_pairs else 0.0,
+        "pairs_per_prompt_max": max(per_prompt, default=0),
+    }
+    if out:
+        stats["chosen_minus_rejected_words_mean"] = round(
+            sum(p[S.CHOSEN_WORDS] - p[S.REJECTED_WORDS] for p in out) / len(out), 2)
+        stats["chosen_minus_rejected_score_mean"] = round(
+            sum(p[S.CHOSEN_SCORE] - p[S.REJECTED_SCORE] for p in out) / len(out), 4)
+    return out, stats
+
+
+def check_threshold(judge: JudgeConfig, pairing: PairingConfig, lo: float, hi: float, where: str) -> None:
+    """A threshold outside the judge's score range makes every pair a quality pair (or none): say so, early."""
+    t = pairing.quality_threshold
+    if not lo < t <= hi:
+        unit = {"similarity": "a cosine similarity", "quiz": "correct answers",
+                "rubric": "a win share" if judge.rubric.pairwise else "a rating"}.get(judge.type, "a score")
+        hint = 0.7 if judge.type == "similarity" else round(lo + 0.6 * (hi - lo), 1)
+        raise UserError(f"{where}: pairing.quality_threshold={t:g} is outside the {judge.type} judge's scores "
+                        f"({unit}, {lo:g}..{hi:g}); set it inside, e.g. --set pairing.quality_threshold={hint:g}")
+
+
+def summarize(values: Iterable[float]) -> dict[str, float]:
+    v = [x for x in values if not math.isnan(x)]
+    if not v:
+        return {}
+    s = sorted(v)
+    return {"mean": round(sum(v) / len(v), 4), "min": round(s[0], 4), "median": round(s[len(s) // 2], 4),
+            "max": round(s[-1], 4)}

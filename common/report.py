@@ -1,0 +1,395 @@
+"""Stage 4's report: per-model metrics, the head-to-head win rate against the baseline, report.md and its plots.
+
+Input is one table of judged responses, one row per (prompt, model): PROMPT_ID, SYSTEM, SOURCE, RESPONSE, SCORE,
+NUM_WORDS (+ NUM_RESPONSE_TOKENS, FINISH_REASON for generated models). Every number comes from the `evaluate`
+modules in common/metrics, and the per-prompt verdict comes from stage 2's pairing rule (common.pairing), so the
+win rate measures exactly what the preference pairs taught:
+
+    for each prompt, model response a vs baseline response b (same prompt):
+        identical text                      -> tie
+        unjudged (NaN score) on either side -> left out of the win rate (counted)
+        otherwise the pairing rule          -> a preferred: win, b preferred: loss, neither: tie
+    win_rate = (wins + 0.5 x ties) / n, with a percentile-bootstrap 95% interval over prompts
+
+Nothing here starts Ray: it is pandas, numpy and matplotlib on a table that fits in memory (one row per response).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import textwrap
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+
+from common import schema as S
+from common.config import EvaluateStageConfig, FilterConfig, JudgeConfig, PairingConfig
+from common.metrics import load_metric
+
+SYSTEM = "model"  # column: which model (or outputs file) wrote the response; its name in the report
+
+# judge type -> what its SCORE is, in words (for report.md)
+SCORE_MEANING = {
+    "similarity": "faithfulness: cosine similarity of the response's and the source's MiniLM embeddings "
+                  "(about 0.8 for a good summary of the abstract, about 0.3 for another paper's summary); "
+                  "length is not part of it",
+    "quiz": "correct answers (0-{num_questions}) when the judge answers its own multiple-choice questions "
+            "about the source from the response alone",
+    "rubric": "the judge's 1-{scale_max} rating of faithfulness and concision",
+}
+
+
+# ---------------------------------------------------------------- the per-prompt verdict
+def outcomes(df: pd.DataFrame, model: str, baseline: str, pairing: PairingConfig) -> pd.Series:
+    """Per prompt id: 1.0 win, 0.5 tie, 0.0 loss of `model` against `baseline`; NaN where either is unjudged."""
+    from common.pairing import prefer
+
+    a = df[df[SYSTEM] == model].set_index(S.PROMPT_ID)
+    b = df[df[SYSTEM] == baseline].set_index(S.PROMPT_ID)
+    out = {}
+    for pid in a.index.intersection(b.index):
+        ra, rb = a.loc[pid], b.loc[pid]
+        if ra[S.RESPONSE] == rb[S.RESPONSE]:
+            out[pid] = 0.5  # same text: a tie whatever float noise the judge's batching adds
+        elif math.isnan(ra[S.SCORE]) or math.isnan(rb[S.SCORE]):
+            out[pid] = float("nan")
+        else:
+            p = prefer(float(ra[S.SCORE]), int(ra[S.NUM_WORDS]), float(rb[S.SCORE]), int(rb[S.NUM_WORDS]), pairing)
+            out[pid] = 1.0 if p > 0 else 0.0 if p < 0 else 0.5
+    return pd.Series(out, dtype=np.float64)
+
+
+# ---------------------------------------------------------------- metrics
+def quality_thresholds(judge: JudgeConfig, pairing: PairingConfig) -> list[float]:
+    """quiz: share with >= 3 and >= 4 correct (the Anyscale table); others: share at or above the pairing threshold."""
+    if judge.type == "quiz":
+        return [3, 4]
+    return [pairing.quality_threshold]
+
+
+def model_metrics(rows: pd.DataFrame, judge: JudgeConfig, filters: FilterConfig,
+                  pairing: PairingConfig) -> dict[str, Any]:
+    """The metric column of one model (its rows only)."""
+    responses = rows[S.RESPONSE].astype(str).tolist()
+    out: dict[str, Any] = {"n": len(rows)}
+    scores = rows[S.SCORE].to_numpy(dtype=np.float64)
+    judged = scores[np.isfinite(scores)]
+    out["share_unjudged"] = float(1 - len(judged) / len(scores))
+    if len(judged):
+        out.update(load_metric("judge_quality").compute(scores=judged.tolist(),
+                                                        thresholds=quality_thresholds(judge, pairing)))
+    out.update(load_metric("compression").compute(responses=responses, sources=rows[S.SOURCE].astype(str).tolist()))
+    out.update(load_metric("length_violation").compute(responses=responses, max_words=filters.max_words,
+                                                       min_words=filters.min_words))
+    out.update(load_metric("invalid_chars").compute(responses=responses, pattern=filters.invalid_chars))
+    generated = rows[S.FINISH_REASON].astype(str) != ""
+    out["share_hit_max_tokens"] = float((rows.loc[generated, S.FINISH_REASON] == "length").mean()) \
+        if generated.any() else None
+    return out
+
+
+def compute(df: pd.DataFrame, names: list[str], baseline: str, judge: JudgeConfig, filters: FilterConfig,
+            pairing: PairingConfig, bootstrap_samples: int, seed: int) -> dict[str, Any]:
+    """metrics.json: per-model metrics, and for every model but the baseline its win rate against the baseline."""
+    models = {n: model_metrics(df[df[SYSTEM] == n], judge, filters, pairing) for n in names}
+    head_to_head = {}
+    for n in names:
+        if n == baseline:
+            continue
+        o = outcomes(df, n, baseline, pairing)
+        valid = o.dropna()
+        # The verdict is already decided per prompt: feed it as a score against a constant 0.5, so the module's
+        # win / tie / loss split and its bootstrap are exactly (wins + 0.5 x ties) / n over these prompts.
+        wr = load_metric("win_rate").compute(scores=valid.tolist(), baseline_scores=[0.5] * len(valid),
+                                             bootstrap_samples=bootstrap_samples, seed=seed) if len(valid) else {}
+        wr["unjudged"] = int(o.isna().sum())
+        wr["mean_score_delta"] = _delta(models[n], models[baseline], "mean_score")
+        wr["mean_words_delta"] = _delta(models[n], models[baseline], "mean_words")
+        head_to_head[n] = wr
+    return {"baseline": baseline, "models": models, "win_rate": head_to_head}
+
+
+def _delta(a: dict, b: dict, key: str) -> Optional[float]:
+    return a[key] - b[key] if a.get(key) is not None and b.get(key) is not None else None
+
+
+def target_check(metrics: dict, model: str, target_win_rate: float, max_score_drop: float) -> list[tuple[str, bool]]:
+    """The project's bar: beats the baseline on the win rate, is shorter, keeps its quality."""
+    wr = metrics["win_rate"].get(model, {})
+    base = metrics["baseline"]
+    checks = []
+    if wr.get("win_rate") is not None:
+        checks.append((f"win rate vs {base} >= {target_win_rate:.0%} (got {wr['win_rate']:.1%})",
+                       wr["win_rate"] >= target_win_rate))
+    if wr.get("mean_words_delta") is not None:
+        checks.append((f"shorter than {base} on average (mean words {wr['mean_words_delta']:+.1f})",
+                       wr["mean_words_delta"] < 0))
+    if wr.get("mean_score_delta") is not None:
+        checks.append((f"mean judge score drops by at most {max_score_drop:g} (got {wr['mean_score_delta']:+.4f})",
+                       wr["mean_score_delta"] >= -max_score_drop))
+    return checks
+
+
+# ---------------------------------------------------------------- the table
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x, digits=3) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def table_rows(metrics: dict, judge: JudgeConfig, filters: FilterConfig, pairing: PairingConfig,
+               names: list[str]) -> list[list[str]]:
+    """Metric x model, like the Anyscale example's table, with the win-rate rows on top."""
+    base, models, wr = metrics["baseline"], metrics["models"], metrics["win_rate"]
+
+    def row(label, fn):
+        return [label] + [fn(n) for n in names]
+
+    def win(n):
+        w = wr.get(n)
+        if not w or w.get("win_rate") is None:
+            return "—"
+        return f"{_pct(w['win_rate'])} [{_pct(w['ci_low'])}, {_pct(w['ci_high'])}]"
+
+    rows = [
+        row(f"win rate vs {base} [95% CI]", win),
+        row("wins / ties / losses", lambda n: f"{wr[n]['wins']} / {wr[n]['ties']} / {wr[n]['losses']}"
+            if n in wr and "wins" in wr[n] else "—"),
+        row("mean judge score" + (" (faithfulness)" if judge.type == "similarity" else ""),
+            lambda n: _num(models[n].get("mean_score"))),
+    ]
+    for t in quality_thresholds(judge, pairing):
+        from common.metrics.judge_quality.judge_quality import threshold_key
+
+        label = f"accuracy >= {t:g} correct" if judge.type == "quiz" else f"share with score >= {t:g}"
+        rows.append(row(label, lambda n, k=threshold_key(t): _pct(models[n].get(k))))
+    rows += [
+        row("median compression (words / source words)", lambda n: _pct(models[n]["median_compression"])),
+        row("mean compression", lambda n: _pct(models[n]["mean_compression"])),
+        row("mean words", lambda n: f"{models[n]['mean_words']:.1f}"),
+        row(f"share too long (> {filters.max_words} words)", lambda n: _pct(models[n]["share_too_long"])),
+        row(f"share too short (< {filters.min_words} words)", lambda n: _pct(models[n]["share_too_short"])),
+        row("share with invalid characters", lambda n: _pct(models[n]["share_invalid"])),
+        row("share that hit max_tokens", lambda n: _pct(models[n]["share_hit_max_tokens"])),
+    ]
+    if any(models[n]["share_unjudged"] for n in names):
+        rows.append(row("share the judge could not score", lambda n: _pct(models[n]["share_unjudged"])))
+    return rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
+
+
+def header(names: list[str], baseline: str) -> list[str]:
+    return ["metric"] + [f"{n} (baseline)" if n == baseline else n for n in names]
+
+
+# ---------------------------------------------------------------- examples
+def pick_examples(df: pd.DataFrame, model: str, baseline: str, pairing: PairingConfig, k: int) -> list[tuple]:
+    """Up to k (prompt id, verdict) for `model` vs baseline: a win, a loss and a tie first, in data order."""
+    o = outcomes(df, model, baseline, pairing).dropna()
+    order = list(dict.fromkeys(df[S.PROMPT_ID]))
+    o = o.reindex([p for p in order if p in o.index])
+    label = {1.0: "win", 0.0: "loss", 0.5: "tie"}
+    picked = []
+    for v in (1.0, 0.0, 0.5):
+        hit = o[o == v]
+        if len(hit) and len(picked) < k:
+            picked.append((hit.index[0], label[v]))
+    for pid, v in o.items():
+        if len(picked) >= k:
+            break
+        if pid not in [p for p, _ in picked]:
+            picked.append((pid, label[v]))
+    return picked
+
+
+def _quote(text: str, width: int = 110) -> str:
+    text = " ".join(str(text).split()) or "(empty)"
+    return "\n".join("> " + line for line in textwrap.wrap(text, width))
+
+
+def examples_md(df: pd.DataFrame, names: list[str], model: str, baseline: str, pairing: PairingConfig,
+                k: int, source_words: int = 80) -> str:
+    parts = []
+    for i, (pid, verdict) in enumerate(pick_examples(df, model, baseline, pairing, k), 1):
+        rows = df[df[S.PROMPT_ID] == pid].set_index(SYSTEM)
+        src = str(rows[S.SOURCE].iloc[0]).split()
+        cut = " ".join(src[:source_words]) + (" …" if len(src) > source_words else "")
+        parts.append(f"### Example {i}: prompt `{pid}` ({model} vs {baseline}: {verdict})\n\n"
+                     f"Source ({len(src)} words):\n\n{_quote(cut)}\n")
+        for n in names:
+            if n in rows.index:
+                r = rows.loc[n]
+                parts.append(f"**{n}** ({int(r[S.NUM_WORDS])} words, score {_num(r[S.SCORE])}):\n\n"
+                             f"{_quote(r[S.RESPONSE])}\n")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------- plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_distributions(df: pd.DataFrame, names: list[str], column: str, xlabel: str, title: str, path: Path) -> None:
+    """Overlaid histograms of one column, one colour per model."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    values = [df.loc[df[SYSTEM] == n, column].dropna().to_numpy(dtype=float) for n in names]
+    allv = np.concatenate([v for v in values if len(v)]) if any(len(v) for v in values) else np.zeros(1)
+    bins = np.histogram_bin_edges(allv, bins=min(30, max(5, len(allv) // 4)))
+    for n, v in zip(names, values):
+        ax.hist(v, bins=bins, alpha=0.5, label=f"{n} (median {np.median(v):.3g})" if len(v) else n)
+    ax.set(xlabel=xlabel, ylabel="responses", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_win_tie_loss(metrics: dict, path: Path) -> None:
+    """One horizontal stacked bar per model: share of prompts won, tied, lost against the baseline."""
+    plt = _plt()
+    wr = {n: w for n, w in metrics["win_rate"].items() if w.get("n")}
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.6 * max(1, len(wr))))
+    for i, (n, w) in enumerate(wr.items()):
+        left = 0.0
+        for key, colour in (("wins", "tab:green"), ("ties", "tab:gray"), ("losses", "tab:red")):
+            share = w[key] / w["n"]
+            ax.barh(i, share, left=left, color=colour, label=key if i == 0 else None)
+            if share > 0.06:
+                ax.text(left + share / 2, i, f"{w[key]}", ha="center", va="center", color="white")
+            left += share
+    ax.set_yticks(range(len(wr)), list(wr))
+    ax.axvline(0.5, color="black", lw=0.8, ls="--")
+    ax.set(xlim=(0, 1), xlabel=f"share of prompts against {metrics['baseline']}", title="wins / ties / losses")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=3, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_training_curves(metrics_file: Path, path: Path) -> bool:
+    """Stage 3's per-step JSONL drawn as loss, rewards/accuracies, rewards/margins vs step. False if nothing to draw."""
+    recs = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    keys = [k for k in ("loss", "rewards/accuracies", "rewards/margins") if any(k in r for r in recs)]
+    if not keys:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        pts = [(r.get("step", i), r[k]) for i, r in enumerate(recs) if k in r]
+        ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None)
+        ax.set(xlabel="step", title=k)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def training_curves(dpo_manifest: dict, path: Path) -> Optional[str]:
+    """Stage 3's curves PNG copied next to the report (or drawn from its metrics file). Returns a note if neither."""
+    curves, mfile = dpo_manifest.get("curves"), dpo_manifest.get("metrics_file")
+    if curves and Path(curves).is_file():
+        shutil.copyfile(curves, path)
+        return None
+    if mfile and Path(mfile).is_file() and plot_training_curves(Path(mfile), path):
+        return None
+    return "stage 3 left no training curves or per-step metrics file"
+
+
+# ---------------------------------------------------------------- report.md
+def write_report(path: Path, *, metrics: dict, names: list[str], dpo: str, df: pd.DataFrame, judge: JudgeConfig,
+                 filters: FilterConfig, pairing: PairingConfig, data_desc: str, decoding: str, num_examples: int,
+                 target_win_rate: float, max_score_drop: float, plots: dict[str, str], notes: list[str]) -> str:
+    """Writes report.md; returns the metric table (markdown) so the stage can print it."""
+    base = metrics["baseline"]
+    table = markdown_table(header(names, base), table_rows(metrics, judge, filters, pairing, names))
+    meaning = SCORE_MEANING[judge.type].format(num_questions=judge.quiz.num_questions,
+                                               scale_max=judge.rubric.scale_max)
+    rule = (f"if either response scores below {pairing.quality_threshold:g}, the higher score wins"
+            f"{f' (by more than {pairing.quality_margin:g})' if pairing.quality_margin else ''}; otherwise the "
+            f"shorter wins when it is at least {pairing.min_length_gap} words shorter; anything else is a tie")
+    checks = target_check(metrics, dpo, target_win_rate, max_score_drop)
+    lines = [
+        f"# Stage 4: {dpo} against {base}",
+        "",
+        f"{data_desc}; {decoding}. Judge: `{judge.type}` (stage 2's judge, unchanged).",
+        "",
+        table,
+        "",
+        "## Does the DPO model meet the bar?",
+        "",
+        *[f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks],
+        "",
+        "## How to read this",
+        "",
+        f"- **Judge score**: {meaning}. Higher is better.",
+        f"- **Win rate** against {base}: each prompt is one match between the two responses to it, decided by "
+        f"stage 2's pairing rule (the rule that built the training pairs): {rule}. Identical responses tie. "
+        f"Win rate = (wins + 0.5 x ties) / prompts; 50% means no difference. The 95% interval is a bootstrap "
+        f"over prompts: with few prompts it is wide, and a win rate whose interval contains 50% is not a "
+        f"difference.",
+        "- **Compression** = response words / source words (lower is shorter). **Too long / too short** use "
+        f"stage 2's filter bounds ({filters.min_words}-{filters.max_words} words); **invalid characters** uses "
+        "its regex. **Hit max_tokens**: the response was cut off by `sampling.max_tokens`; if that share is "
+        "large, lengths and scores describe truncated text.",
+        "- A DPO model that wins by being shorter while its judge score holds is what the pairs rewarded; "
+        "one that wins while its score falls is trading faithfulness for brevity.",
+        "",
+    ]
+    if notes:
+        lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{title}]({file})\n" for title, file in plots.items()]
+    if num_examples:
+        lines += ["## Side by side", "", examples_md(df, names, dpo, base, pairing, num_examples)]
+    path.write_text("\n".join(lines))
+    return table
+
+
+def assemble(folder: Path, df: pd.DataFrame, names: list[str], cfg: EvaluateStageConfig, *, judge: JudgeConfig,
+             filters: FilterConfig, pairing: PairingConfig, dpo_manifest: dict, notes: list[str],
+             models_used: dict[str, str], dpo: str = "dpo") -> tuple[dict, str]:
+    """Everything stage 4 writes beside data/: metrics.json, the PNGs, report.md. Returns (metrics, table)."""
+    base = cfg.baseline.name
+    metrics = compute(df, names, base, judge, filters, pairing, cfg.bootstrap_samples, cfg.seed)
+    plot_distributions(df, names, S.NUM_WORDS, "words per response", "response lengths", folder / "lengths.png")
+    plot_distributions(df, names, S.SCORE, f"judge score ({judge.type})", "judge scores", folder / "scores.png")
+    plot_win_tie_loss(metrics, folder / "win_tie_loss.png")
+    plots = {"response lengths": "lengths.png", "judge scores": "scores.png",
+             f"wins, ties and losses against {base}": "win_tie_loss.png"}
+    notes = list(notes)
+    if (note := training_curves(dpo_manifest, folder / "training_curves.png")) is None:
+        plots["DPO training curves (stage 3)"] = "training_curves.png"
+    else:
+        notes.append(note)
+    s = cfg.sampling
+    decoding = ("greedy decoding" if s.temperature == 0 else f"sampling at temperature {s.temperature:g}") + \
+        f", max_tokens {s.max_tokens}"
+    prompts = df[S.PROMPT_ID].nunique()
+    table = write_report(
+        folder / "report.md", metrics=metrics, names=names, dpo=dpo, df=df, judge=judge, filters=filters,
+        pairing=pairing, data_desc=f"{prompts} held-out prompts from `{cfg.data.path}`", decoding=decoding,
+        num_examples=cfg.num_examples, target_win_rate=cfg.target_win_rate, max_score_drop=cfg.max_score_drop,
+        plots=plots, notes=notes)
+    metrics.update({
+        "prompts": prompts, "judge": judge.type, "decoding": decoding, "notes": notes, "models_used": models_used,
+        "targets": [{"check": c, "pass": ok} for c, ok in target_check(metrics, dpo, cfg.target_win_rate,
+                                                                        cfg.max_score_drop)],
+    })
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics, table
