@@ -18,7 +18,7 @@ from common import schema as S  # noqa: E402
 from common.data import load_prompts  # noqa: E402
 from common.errors import UserError, cli  # noqa: E402
 from common.generation import SKIP, engine_asks, generate, tokenize_prompts  # noqa: E402
-from common.config import resolve  # noqa: E402
+from common.config import require_model, resolve  # noqa: E402
 from common.io import StageOutput, fingerprint  # noqa: E402
 from common.ray_setup import Ask, check_fits, init_ray, print_plan  # noqa: E402
 from common.stage import parse  # noqa: E402
@@ -34,6 +34,7 @@ def main() -> None:
     if args.dry_run:
         return
     check_fits(STAGE, asks, cfg.ray)
+    require_model(cfg.model.path, f"{args.config}: model.path")
     prompts = load_prompts(cfg.data, cfg.prompt, args.config)
     source = {"dir": cfg.data.path, "fingerprint": fingerprint(resolve(cfg.data.path))}
     out = StageOutput(cfg, STAGE, upstream=source, force=args.force)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator, model_validator
 
 from common.errors import UserError
 
@@ -94,6 +94,12 @@ class SamplingConfig(Base):
     max_tokens: int = Field(default=128, gt=0)
     stop: list[str] = []
     seed: int = 0  # candidate k of prompt p always gets the same seed: reruns give the same text
+
+    @model_validator(mode="after")
+    def _greedy_means_one(self):
+        if self.temperature == 0 and self.n > 1:
+            raise ValueError("temperature 0 (greedy) gives n identical candidates; set n: 1 or temperature > 0")
+        return self
 
 
 class StageBase(Base):
@@ -274,6 +280,18 @@ class DPOStageConfig(StageBase):
     max_failures: int = Field(default=2, ge=-1)  # worker-group restarts from the last checkpoint
     logging_steps: int = Field(default=1, gt=0)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _llmforge_compat(self):
+        if self.deepspeed is not None:  # LLMForge's ZeRO-3 role is played by FSDP here
+            self.strategy = "fsdp"
+        if self.max_prompt_length >= self.context_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below context_length "
+                             f"({self.context_length}) to leave room for the response")
+        ptc = self.preference_tuning_config
+        if ptc.label_smoothing and ptc.loss_type not in ("sigmoid", "robust"):
+            raise ValueError(f"label_smoothing applies to loss_type sigmoid or robust, not {ptc.loss_type}")
+        return self
 
 
 # ---------------------------------------------------------------- stage 4

@@ -100,8 +100,11 @@ def tokenize_pairs(pairs: list[dict], cfg: DPOStageConfig, tokenizer_path: str, 
 
 def _tokenize_batch(batch, tokenizer_path, max_length, max_prompt_length, truncation):
     tok = load_tokenizer(tokenizer_path)
-    return tokenize_pairs_batch(batch, tok, max_length, max_prompt_length, truncation,
-                                columns=(S.PROMPT, S.CHOSEN, S.REJECTED))
+    out = tokenize_pairs_batch(batch, tok, max_length, max_prompt_length, truncation,
+                               columns=(S.PROMPT, S.CHOSEN, S.REJECTED))
+    for col in (S.PROMPT, S.CHOSEN, S.REJECTED):  # from here on, token ids are the data
+        out.pop(col)
+    return out
 
 
 def _model_identity(path: str) -> str:
@@ -152,7 +155,7 @@ def _with_cached_logps(tokenized, cache_path: Path):
     from common.reference import REF_PID
 
     df[REF_PID] = -1  # from the cache, no process computed them in this run
-    return ray.data.from_pandas(df, override_num_blocks=tokenized.num_blocks())
+    return ray.data.from_items(df.to_dict("records"), override_num_blocks=tokenized.num_blocks())
 
 
 def train(cfg: DPOStageConfig, tokenized, cache: dict, policy: str, ref: str, work: Path, force: bool) -> dict:
@@ -168,12 +171,13 @@ def train(cfg: DPOStageConfig, tokenized, cache: dict, policy: str, ref: str, wo
     if force:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work / "reference_actors", ignore_errors=True)
     num_pairs = tokenized.count()
     ds = _with_cached_logps(tokenized, cache["path"]) if cache["hit"] else None
     if ds is None:
         cache["hit"] = False
         shutil.rmtree(cache["tmp"], ignore_errors=True)
-        ds = add_reference_logps(tokenized, cfg, ref)
+        ds = add_reference_logps(tokenized, cfg, ref, provenance_dir=str(work / "reference_actors"))
     run_cfg = cfg.model_copy(update={"model_id": policy})
     name = f"dpo-{config_hash(cfg, 'num_checkpoints_to_keep', 'max_failures', 'logging_steps')}"
     trainer = TorchTrainer(
@@ -207,6 +211,9 @@ def train(cfg: DPOStageConfig, tokenized, cache: dict, policy: str, ref: str, wo
                                          if "step0_max_abs_logp_diff" in m), None),
         "ref_wait_seconds": sum(m.get("ref_wait_seconds", 0.0) for m in metrics),
         "train_seconds": sum(m.get("step_seconds", 0.0) * cfg.logging_steps for m in metrics),
+        # where the reference ran: one entry per actor process (a restarted actor adds one)
+        "reference_actors": [json.loads(f.read_text()) for f in sorted((work / "reference_actors").glob("*.json"))],
+        "trainer_pids": sorted({m["trainer_pid"] for m in metrics if "trainer_pid" in m}),
     }
     return {"final_dir": final, "num_pairs": num_pairs, "metrics_file": work / "metrics.jsonl", "stats": stats,
             "cleanup": lambda: shutil.rmtree(work, ignore_errors=True)}

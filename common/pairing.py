@@ -36,7 +36,7 @@ def decide(a_score: float, a_words: int, b_score: float, b_words: int, cfg: Pair
         return 0, QUALITY
     if min(a_score, b_score) < cfg.quality_threshold:
         diff = a_score - b_score
-        if abs(diff) > 0 and abs(diff) >= cfg.quality_margin:
+        if abs(diff) > 0 and abs(diff) >= cfg.quality_margin - 1e-9:  # 0.60 - 0.55 is 0.04999... in floats
             return (1 if diff > 0 else -1), QUALITY
         return 0, QUALITY
     gap = b_words - a_words  # > 0: a is shorter

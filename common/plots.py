@@ -54,3 +54,44 @@ def length_gap_histogram(chosen_words: Iterable[int], rejected_words: Iterable[i
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def overlaid_histograms(values: dict[str, Iterable[float]], path: Path, title: str, xlabel: str) -> Path:
+    """One translucent histogram per model on shared bins (stage 4: lengths and judge scores of each model)."""
+    import numpy as np
+
+    plt = _pyplot()
+    series = {k: np.asarray([float(x) for x in v if not math.isnan(float(x))]) for k, v in values.items()}
+    everything = np.concatenate([v for v in series.values() if len(v)] or [np.zeros(1)])
+    bins = np.histogram_bin_edges(everything, bins=min(30, max(5, len(everything) // 4)))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, v in series.items():
+        ax.hist(v, bins=bins, alpha=0.5, label=f"{name} (median {np.median(v):.3g})" if len(v) else name)
+    ax.set(title=title, xlabel=xlabel, ylabel="responses")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def win_tie_loss_bars(counts: dict[str, tuple[int, int, int]], path: Path, baseline: str) -> Path:
+    """One stacked bar per model: the share of prompts it won, tied and lost against `baseline` (dashed: 50%)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 1.4 + 0.6 * max(1, len(counts))))
+    for i, (name, wtl) in enumerate(counts.items()):
+        n, left = max(1, sum(wtl)), 0.0
+        for k, label, colour in zip(wtl, ("wins", "ties", "losses"), ("#55a868", "#8c8c8c", "#c44e52")):
+            ax.barh(i, k / n, left=left, color=colour, label=label if i == 0 else None)
+            if k / n > 0.06:
+                ax.text(left + k / n / 2, i, str(k), ha="center", va="center", color="white")
+            left += k / n
+    ax.set_yticks(range(len(counts)), list(counts))
+    ax.invert_yaxis()  # first model on top
+    ax.axvline(0.5, color="black", linewidth=0.8, linestyle="--")
+    ax.set(xlim=(0, 1), xlabel=f"share of prompts against {baseline}", title="wins / ties / losses")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=3, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -12,6 +12,7 @@ Two backends score the same tokens (the ids come from common.tokenize, upstream 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -19,6 +20,19 @@ from common import schema as S
 
 REF_PID = "ref_pid"  # which process computed a row's reference log-probs (the tests check it is not a trainer)
 REF_CHOSEN_TOKENS, REF_REJECTED_TOKENS = "chosen_num_tokens", "rejected_num_tokens"
+
+
+def _record_provenance(folder: str | None) -> None:
+    """One small JSON per actor process: its pid and the Ray resources it was given (stage 3 reports them)."""
+    if not folder:
+        return
+    import json
+
+    import ray
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    info = {"pid": os.getpid(), "resources": ray.get_runtime_context().get_assigned_resources()}
+    (Path(folder) / f"{os.getpid()}.json").write_text(json.dumps(info))
 
 
 def _out(batch, chosen, rejected, n_chosen, n_rejected):
@@ -34,7 +48,8 @@ class ReferenceLogProbProcessor:
     """Loads the frozen reference once per actor; `__call__` returns the batch plus TRL's `ref_chosen_logps` /
     `ref_rejected_logps` (summed over response tokens)."""
 
-    def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False):
+    def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False,
+                 provenance_dir: str | None = None):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -44,6 +59,7 @@ class ReferenceLogProbProcessor:
         if torch.cuda.is_available():
             self.model.to("cuda")
         self.pad_id = self.model.config.pad_token_id or 0
+        _record_provenance(provenance_dir)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from common.dpo_loss import sequence_logps
@@ -64,13 +80,19 @@ class VLLMReferenceLogProbProcessor:
     prefill per sequence and no sampling. `tensor_parallel_size > 1` spreads a large reference over GPUs."""
 
     def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False,
-                 tensor_parallel_size: int = 1, max_model_len: int = 2048):
+                 tensor_parallel_size: int = 1, max_model_len: int = 2048, provenance_dir: str | None = None):
         from vllm import LLM, SamplingParams
 
+        _record_provenance(provenance_dir)
         on_cpu = not _has_cuda()
+        if on_cpu:  # else vLLM claims 92% of the host's memory for its KV cache
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         self.llm = LLM(model_path, dtype=dtype, trust_remote_code=trust_remote_code, enforce_eager=on_cpu,
                        tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
-                       enable_prefix_caching=False)
+                       enable_prefix_caching=False,
+                       # Inside a Ray actor vLLM would otherwise pick its Ray executor and ask Ray for a placement
+                       # group this actor already holds the resources of: it would wait forever.
+                       distributed_executor_backend="mp")
         # prompt_logprobs=0: the logprob of each actual prompt token, nothing else.
         self.params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
 
@@ -100,14 +122,14 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def add_reference_logps(ds, cfg, model_path: str):
+def add_reference_logps(ds, cfg, model_path: str, provenance_dir: str | None = None):
     """Attach the reference actor pool to `ds` (lazy). `cfg` is the stage-3 config."""
     import ray
 
     sc = cfg.preference_tuning_config.logprob_processor_scaling_config
     ptc = cfg.preference_tuning_config
     lo, hi = (sc.concurrency, sc.concurrency) if isinstance(sc.concurrency, int) else sc.concurrency
-    kwargs = dict(model_path=model_path, dtype=cfg.dtype)
+    kwargs = dict(model_path=model_path, dtype=cfg.dtype, provenance_dir=provenance_dir)
     cls = ReferenceLogProbProcessor
     if ptc.reference_backend == "vllm":
         cls = VLLMReferenceLogProbProcessor

@@ -45,19 +45,20 @@ SCORE_MEANING = {
 # ---------------------------------------------------------------- the per-prompt verdict
 def outcomes(df: pd.DataFrame, model: str, baseline: str, pairing: PairingConfig) -> pd.Series:
     """Per prompt id: 1.0 win, 0.5 tie, 0.0 loss of `model` against `baseline`; NaN where either is unjudged."""
-    from common.pairing import prefer
+    from common.filters import normalize
+    from common.pairing import compare
 
     a = df[df[SYSTEM] == model].set_index(S.PROMPT_ID)
     b = df[df[SYSTEM] == baseline].set_index(S.PROMPT_ID)
     out = {}
     for pid in a.index.intersection(b.index):
         ra, rb = a.loc[pid], b.loc[pid]
-        if ra[S.RESPONSE] == rb[S.RESPONSE]:
-            out[pid] = 0.5  # same text: a tie whatever float noise the judge's batching adds
+        if normalize(ra[S.RESPONSE]) == normalize(rb[S.RESPONSE]):
+            out[pid] = 0.5  # same text (up to whitespace): a tie, whatever float noise the judge's batching adds
         elif math.isnan(ra[S.SCORE]) or math.isnan(rb[S.SCORE]):
             out[pid] = float("nan")
         else:
-            p = prefer(float(ra[S.SCORE]), int(ra[S.NUM_WORDS]), float(rb[S.SCORE]), int(rb[S.NUM_WORDS]), pairing)
+            p = compare(float(ra[S.SCORE]), int(ra[S.NUM_WORDS]), float(rb[S.SCORE]), int(rb[S.NUM_WORDS]), pairing)
             out[pid] = 1.0 if p > 0 else 0.0 if p < 0 else 0.5
     return pd.Series(out, dtype=np.float64)
 
@@ -84,7 +85,8 @@ def model_metrics(rows: pd.DataFrame, judge: JudgeConfig, filters: FilterConfig,
     out.update(load_metric("compression").compute(responses=responses, sources=rows[S.SOURCE].astype(str).tolist()))
     out.update(load_metric("length_violation").compute(responses=responses, max_words=filters.max_words,
                                                        min_words=filters.min_words))
-    out.update(load_metric("invalid_chars").compute(responses=responses, pattern=filters.invalid_chars))
+    out["share_invalid"] = load_metric("invalid_chars").compute(responses=responses, pattern=filters.invalid_chars)[
+        "share_invalid"] if filters.invalid_chars else None  # "" turns the check off in stage 2 too
     generated = rows[S.FINISH_REASON].astype(str) != ""
     out["share_hit_max_tokens"] = float((rows.loc[generated, S.FINISH_REASON] == "length").mean()) \
         if generated.any() else None
@@ -145,6 +147,8 @@ def _num(x, digits=3) -> str:
 def table_rows(metrics: dict, judge: JudgeConfig, filters: FilterConfig, pairing: PairingConfig,
                names: list[str]) -> list[list[str]]:
     """Metric x model, like the Anyscale example's table, with the win-rate rows on top."""
+    from common.metrics.judge_quality.judge_quality import threshold_key
+
     base, models, wr = metrics["baseline"], metrics["models"], metrics["win_rate"]
 
     def row(label, fn):
@@ -164,9 +168,8 @@ def table_rows(metrics: dict, judge: JudgeConfig, filters: FilterConfig, pairing
             lambda n: _num(models[n].get("mean_score"))),
     ]
     for t in quality_thresholds(judge, pairing):
-        from common.metrics.judge_quality.judge_quality import threshold_key
-
-        label = f"accuracy >= {t:g} correct" if judge.type == "quiz" else f"share with score >= {t:g}"
+        label = f"accuracy (>= {t:g} correct)" if judge.type == "quiz" else \
+            f"share faithful (score >= {t:g}, stage 2's threshold)"
         rows.append(row(label, lambda n, k=threshold_key(t): _pct(models[n].get(k))))
     rows += [
         row("median compression (words / source words)", lambda n: _pct(models[n]["median_compression"])),
@@ -235,80 +238,26 @@ def examples_md(df: pd.DataFrame, names: list[str], model: str, baseline: str, p
 
 
 # ---------------------------------------------------------------- plots
-def _plt():
-    import matplotlib
+def draw_plots(df: pd.DataFrame, names: list[str], metrics: dict, judge: JudgeConfig, folder: Path,
+               dpo_manifest: dict) -> tuple[dict[str, str], list[str]]:
+    """The PNGs of report.md ({title: file}) and notes on what could not be drawn."""
+    from common.plots import overlaid_histograms, win_tie_loss_bars
 
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_distributions(df: pd.DataFrame, names: list[str], column: str, xlabel: str, title: str, path: Path) -> None:
-    """Overlaid histograms of one column, one colour per model."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    values = [df.loc[df[SYSTEM] == n, column].dropna().to_numpy(dtype=float) for n in names]
-    allv = np.concatenate([v for v in values if len(v)]) if any(len(v) for v in values) else np.zeros(1)
-    bins = np.histogram_bin_edges(allv, bins=min(30, max(5, len(allv) // 4)))
-    for n, v in zip(names, values):
-        ax.hist(v, bins=bins, alpha=0.5, label=f"{n} (median {np.median(v):.3g})" if len(v) else n)
-    ax.set(xlabel=xlabel, ylabel="responses", title=title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_win_tie_loss(metrics: dict, path: Path) -> None:
-    """One horizontal stacked bar per model: share of prompts won, tied, lost against the baseline."""
-    plt = _plt()
-    wr = {n: w for n, w in metrics["win_rate"].items() if w.get("n")}
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.6 * max(1, len(wr))))
-    for i, (n, w) in enumerate(wr.items()):
-        left = 0.0
-        for key, colour in (("wins", "tab:green"), ("ties", "tab:gray"), ("losses", "tab:red")):
-            share = w[key] / w["n"]
-            ax.barh(i, share, left=left, color=colour, label=key if i == 0 else None)
-            if share > 0.06:
-                ax.text(left + share / 2, i, f"{w[key]}", ha="center", va="center", color="white")
-            left += share
-    ax.set_yticks(range(len(wr)), list(wr))
-    ax.axvline(0.5, color="black", lw=0.8, ls="--")
-    ax.set(xlim=(0, 1), xlabel=f"share of prompts against {metrics['baseline']}", title="wins / ties / losses")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=3, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_training_curves(metrics_file: Path, path: Path) -> bool:
-    """Stage 3's per-step JSONL drawn as loss, rewards/accuracies, rewards/margins vs step. False if nothing to draw."""
-    recs = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    keys = [k for k in ("loss", "rewards/accuracies", "rewards/margins") if any(k in r for r in recs)]
-    if not keys:
-        return False
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-    for ax, k in zip(axes[0], keys):
-        pts = [(r.get("step", i), r[k]) for i, r in enumerate(recs) if k in r]
-        ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None)
-        ax.set(xlabel="step", title=k)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def training_curves(dpo_manifest: dict, path: Path) -> Optional[str]:
-    """Stage 3's curves PNG copied next to the report (or drawn from its metrics file). Returns a note if neither."""
-    curves, mfile = dpo_manifest.get("curves"), dpo_manifest.get("metrics_file")
+    by_model = {n: df[df[SYSTEM] == n] for n in names}
+    overlaid_histograms({n: r[S.NUM_WORDS] for n, r in by_model.items()}, folder / "lengths.png",
+                        "response lengths", "words per response")
+    overlaid_histograms({n: r[S.SCORE] for n, r in by_model.items()}, folder / "scores.png",
+                        "judge scores", f"judge score ({judge.type})")
+    wr = {n: (w["wins"], w["ties"], w["losses"]) for n, w in metrics["win_rate"].items() if w.get("n")}
+    win_tie_loss_bars(wr, folder / "win_tie_loss.png", metrics["baseline"])
+    files = {"response lengths": "lengths.png", "judge scores": "scores.png",
+             f"wins, ties and losses against {metrics['baseline']}": "win_tie_loss.png"}
+    curves = dpo_manifest.get("curves")  # drawn by stage 3 from its per-step metrics: copied, not redrawn
     if curves and Path(curves).is_file():
-        shutil.copyfile(curves, path)
-        return None
-    if mfile and Path(mfile).is_file() and plot_training_curves(Path(mfile), path):
-        return None
-    return "stage 3 left no training curves or per-step metrics file"
+        shutil.copyfile(curves, folder / "training_curves.png")
+        files["DPO training curves (stage 3)"] = "training_curves.png"
+        return files, []
+    return files, [f"stage 3 left no training curves ({curves or 'none named in its manifest'})"]
 
 
 # ---------------------------------------------------------------- report.md
@@ -321,7 +270,7 @@ def write_report(path: Path, *, metrics: dict, names: list[str], dpo: str, df: p
     meaning = SCORE_MEANING[judge.type].format(num_questions=judge.quiz.num_questions,
                                                scale_max=judge.rubric.scale_max)
     rule = (f"if either response scores below {pairing.quality_threshold:g}, the higher score wins"
-            f"{f' (by more than {pairing.quality_margin:g})' if pairing.quality_margin else ''}; otherwise the "
+            f"{f' (by at least {pairing.quality_margin:g})' if pairing.quality_margin else ''}; otherwise the "
             f"shorter wins when it is at least {pairing.min_length_gap} words shorter; anything else is a tie")
     checks = target_check(metrics, dpo, target_win_rate, max_score_drop)
     lines = [
@@ -367,16 +316,8 @@ def assemble(folder: Path, df: pd.DataFrame, names: list[str], cfg: EvaluateStag
     """Everything stage 4 writes beside data/: metrics.json, the PNGs, report.md. Returns (metrics, table)."""
     base = cfg.baseline.name
     metrics = compute(df, names, base, judge, filters, pairing, cfg.bootstrap_samples, cfg.seed)
-    plot_distributions(df, names, S.NUM_WORDS, "words per response", "response lengths", folder / "lengths.png")
-    plot_distributions(df, names, S.SCORE, f"judge score ({judge.type})", "judge scores", folder / "scores.png")
-    plot_win_tie_loss(metrics, folder / "win_tie_loss.png")
-    plots = {"response lengths": "lengths.png", "judge scores": "scores.png",
-             f"wins, ties and losses against {base}": "win_tie_loss.png"}
-    notes = list(notes)
-    if (note := training_curves(dpo_manifest, folder / "training_curves.png")) is None:
-        plots["DPO training curves (stage 3)"] = "training_curves.png"
-    else:
-        notes.append(note)
+    files, missing = draw_plots(df, names, metrics, judge, folder, dpo_manifest)
+    notes = list(notes) + missing
     s = cfg.sampling
     decoding = ("greedy decoding" if s.temperature == 0 else f"sampling at temperature {s.temperature:g}") + \
         f", max_tokens {s.max_tokens}"
@@ -385,7 +326,7 @@ def assemble(folder: Path, df: pd.DataFrame, names: list[str], cfg: EvaluateStag
         folder / "report.md", metrics=metrics, names=names, dpo=dpo, df=df, judge=judge, filters=filters,
         pairing=pairing, data_desc=f"{prompts} held-out prompts from `{cfg.data.path}`", decoding=decoding,
         num_examples=cfg.num_examples, target_win_rate=cfg.target_win_rate, max_score_drop=cfg.max_score_drop,
-        plots=plots, notes=notes)
+        plots=files, notes=notes)
     metrics.update({
         "prompts": prompts, "judge": judge.type, "decoding": decoding, "notes": notes, "models_used": models_used,
         "targets": [{"check": c, "pass": ok} for c, ok in target_check(metrics, dpo, cfg.target_win_rate,

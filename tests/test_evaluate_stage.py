@@ -15,8 +15,9 @@ import pandas as pd
 import pytest
 
 from common import schema as S
-from common.config import DPOStageConfig, JudgeStageConfig, PairingConfig
+from common.config import DPOStageConfig, PairingConfig, load_config
 from common.io import StageOutput
+from common.plots_training import plot_training_curves
 from conftest import REPO, run_stage
 
 SCRIPT = "04_evaluate/evaluate.py"
@@ -27,8 +28,9 @@ OFF_TOPIC = ("Bananas are a popular fruit grown in tropical regions, and they ar
 
 
 def fake_judge_stage(run_dir):
-    """A complete 02_judge output with the default judge, filters and pairing rule in its manifest."""
-    out = StageOutput(JudgeStageConfig(output_dir=str(run_dir)), "02_judge")
+    """A complete 02_judge output whose manifest carries the quickstart's judge, filters and pairing rule."""
+    cfg = load_config("02_judge", str(REPO / "configs/quickstart/02_judge.yaml"), [f"output_dir={run_dir}"])
+    out = StageOutput(cfg, "02_judge")
     out.begin()
     pd.DataFrame({S.PAIR_ID: ["p0"], S.PROMPT_ID: ["x"]}).to_parquet(out.data / "pairs.parquet")
     return out.commit(rows={"pairs": 1})
@@ -41,8 +43,10 @@ def fake_dpo_stage(run_dir, model, with_model=True):
     steps = [{"step": i, "loss": 0.69 - 0.05 * i, "rewards/accuracies": 0.5 + 0.1 * i, "rewards/margins": 0.02 * i}
              for i in range(1, 5)]
     (out.data / "metrics.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    plot_training_curves(out.data / "metrics.jsonl", out.path("training_curves.png"))  # as stage 3 does
     extra = {"model": model} if with_model else {}
-    return out.commit(rows={"pairs": 1}, metrics_file=str(out.final / "data" / "metrics.jsonl"), **extra)
+    return out.commit(rows={"pairs": 1}, metrics_file=str(out.final / "data" / "metrics.jsonl"),
+                      curves=str(out.final / "training_curves.png"), **extra)
 
 
 def held_out_ids(n=N_PROMPTS):
@@ -176,7 +180,8 @@ def test_outputs_file_missing_a_prompt_is_one_line(tmp_path, model_path):
 
 
 def test_config_errors_are_one_line(tmp_path):
-    line = one_line_exit_2(run_stage(SCRIPT, QUICKSTART, f"output_dir={tmp_path}", "sampling.n=2"))
+    line = one_line_exit_2(run_stage(SCRIPT, QUICKSTART, f"output_dir={tmp_path}", "sampling.n=2",
+                                     "sampling.temperature=0.7"))
     assert "sampling.n: 1" in line
     line = one_line_exit_2(run_stage(SCRIPT, QUICKSTART, f"output_dir={tmp_path}", "others=[{name: sft, path: x}]"))
     assert "unique" in line

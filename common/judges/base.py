@@ -37,8 +37,16 @@ def detail_json(d: dict[str, Any]) -> str:
     return json.dumps(clean, ensure_ascii=False, separators=(",", ":"))
 
 
-def with_scores(batch: dict[str, np.ndarray], scores: Iterable[float], details: Iterable[dict]) -> dict:
-    """The batch plus SCORE (float64), NUM_WORDS (int64) and JUDGE_DETAIL (JSON str)."""
+def with_scores(batch, scores: Iterable[float], details: Iterable[dict]):
+    """The batch plus SCORE (float64), NUM_WORDS (int64) and JUDGE_DETAIL (JSON str). `batch` is a dict of numpy
+    arrays or a pyarrow Table (batch_format="pyarrow" keeps nested columns such as PROMPT in Arrow)."""
+    import pyarrow as pa
+
+    if isinstance(batch, pa.Table):
+        words = [num_words(r) for r in batch.column(S.RESPONSE).to_pylist()]
+        return (batch.append_column(S.SCORE, pa.array(list(scores), pa.float64()))
+                .append_column(S.NUM_WORDS, pa.array(words, pa.int64()))
+                .append_column(S.JUDGE_DETAIL, pa.array([detail_json(d) for d in details], pa.string())))
     out = dict(batch)
     out[S.SCORE] = np.asarray(list(scores), dtype=np.float64)
     out[S.NUM_WORDS] = np.asarray([num_words(r) for r in batch[S.RESPONSE]], dtype=np.int64)

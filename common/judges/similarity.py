@@ -28,9 +28,9 @@ class _Embedder:
         self.model = SentenceTransformer(path, device="cpu")
         self.batch_size = batch_size
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        responses = [str(r or "") for r in batch[S.RESPONSE]]
-        sources = [str(s or "") for s in batch[S.SOURCE]]
+    def __call__(self, batch):  # a pyarrow Table: nested columns (PROMPT) pass through untouched
+        responses = [str(r or "") for r in batch.column(S.RESPONSE).to_pylist()]
+        sources = [str(s or "") for s in batch.column(S.SOURCE).to_pylist()]
         distinct = list(dict.fromkeys(sources))
         enc = dict(normalize_embeddings=True, batch_size=self.batch_size, show_progress_bar=False)
         src = self.model.encode(distinct, **enc)
@@ -56,7 +56,7 @@ class SimilarityJudge:
                             f"run `bash scripts/setup.sh` to prepare the embedded models")
         return ds.map_batches(
             _Embedder, fn_constructor_kwargs=dict(path=str(path), batch_size=self.cfg.batch_size),
-            batch_size=self.cfg.batch_size, num_cpus=self.cfg.num_cpus,
+            batch_size=self.cfg.batch_size, batch_format="pyarrow", num_cpus=self.cfg.num_cpus,
             compute=ActorPoolStrategy(size=self.cfg.concurrency),
         )
 

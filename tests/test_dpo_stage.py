@@ -1,0 +1,179 @@
+"""Stage 3 for real: the embedded model, Ray Train + the Ray Data reference actor pool, on 2 CPU cores.
+
+Pairs are real ACLSum text: the chosen response is the first sentence of the human summary, the rejected one the
+whole summary (the recipe's "shorter and still faithful" preference). Nothing is mocked; there is no GPU here, so
+the A10G/A100 asks are the custom resources the local Ray declares (common.ray_setup).
+"""
+import json
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import REPO, run_stage
+
+CONFIG = REPO / "configs/quickstart/03_dpo_train.yaml"
+SCRIPT = "03_dpo_train/train.py"
+
+
+def write_pairs(path: Path, n: int, **overrides) -> Path:
+    rows = [json.loads(line) for line in open(REPO / "data/aclsum/test.jsonl")][:n]
+    with open(path, "w") as f:
+        for r in rows:
+            pair = {"prompt": [{"role": "user", "content": "Summarize in one sentence.\n\n" + r["summary"]}],
+                    "chosen": r["summary"].split(". ")[0].rstrip(".") + ".", "rejected": r["summary"]}
+            f.write(json.dumps({**pair, **overrides}) + "\n")
+    return path
+
+
+def one_line_error(proc) -> str:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    return lines[0]
+
+
+def manifest(out: Path) -> dict:
+    return json.loads((out / "03_dpo_train" / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Overfit 4 fixed pairs for 4 epochs (one batch a step): loss must fall, accuracy rise."""
+    tmp = tmp_path_factory.mktemp("dpo")
+    pairs = write_pairs(tmp / "pairs.jsonl", 4)
+    proc = run_stage(SCRIPT, CONFIG, f"train_path={pairs}", f"output_dir={tmp}", "num_epochs=4",
+                     "learning_rate=1e-3", "warmup_steps=0", "lr_scheduler_type=constant")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp, pairs, proc
+
+
+def test_step0_is_ln2_and_policy_matches_reference(trained):
+    m = manifest(trained[0])["stats"]
+    assert math.isclose(m["first_metrics"]["loss"], math.log(2), abs_tol=1e-3)
+    assert m["step0_max_abs_logp_diff"] < 1e-3  # same weights, same tokens, same dtype
+
+
+def test_overfitting_a_fixed_batch_lowers_loss_and_raises_accuracy(trained):
+    rows = [json.loads(line) for line in open(trained[0] / "03_dpo_train" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.05
+    assert rows[-1]["rewards/accuracies"] >= 0.75 > rows[0]["rewards/accuracies"]
+    assert rows[-1]["rewards/margins"] > 0
+
+
+def test_reference_ran_in_its_own_actor_with_the_requested_resources(trained):
+    m = manifest(trained[0])["stats"]
+    actors, trainers = m["reference_actors"], m["trainer_pids"]
+    assert actors and trainers
+    assert not {a["pid"] for a in actors} & set(trainers) and os.getpid() not in trainers
+    for a in actors:  # logprob_processor_scaling_config: num_cpus 0.5, custom_resources accelerator_type:A10G
+        assert a["resources"]["CPU"] == 0.5 and a["resources"]["accelerator_type:A10G"] == pytest.approx(0.001)
+    assert all(set(m["final_metrics"]["ref_pids"]) <= {a["pid"] for a in actors} for _ in [0])
+
+
+def test_checkpoint_is_a_plain_hf_model_that_moved_away_from_sft(trained, model_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = trained[0] / "03_dpo_train"
+    dpo = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)
+    sft = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    diffs = [(a - b).abs().max().item() for a, b in zip(dpo.parameters(), sft.parameters())]
+    assert max(diffs) > 0 and (out / "adapter" / "adapter_config.json").exists()
+    assert (out / "training_curves.png").stat().st_size > 1000
+    cfg = json.loads((out / "model" / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["eos_token_id"] == 2
+
+
+def test_checkpoint_loads_in_vllm(trained):
+    """vLLM serves the merged folder as is (the same load stage 4 does)."""
+    import subprocess
+    import sys
+
+    code = ("from vllm import LLM, SamplingParams\n"
+            "if __name__ == '__main__':\n"
+            f"    llm = LLM({str(trained[0] / '03_dpo_train' / 'model')!r}, enforce_eager=True, max_model_len=512)\n"
+            "    out = llm.generate(['Hello'], SamplingParams(max_tokens=8, temperature=0))\n"
+            "    print('VLLM_OK', len(out[0].outputs[0].token_ids))\n")
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert "VLLM_OK" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_rerun_reuses_output_then_the_reference_cache(trained):
+    tmp, pairs, _ = trained
+    sets = [f"train_path={pairs}", f"output_dir={tmp}", "num_epochs=4", "learning_rate=1e-3", "warmup_steps=0",
+            "lr_scheduler_type=constant"]
+    again = run_stage(SCRIPT, CONFIG, *sets)
+    assert again.returncode == 0 and "reusing the complete output" in again.stdout
+    forced = run_stage(SCRIPT, CONFIG, *sets[:2], "num_epochs=1", force=True)
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    m = manifest(tmp)["stats"]
+    assert m["reference_cache"] == "hit" and m["reference_actors"] == []  # no reference pool at all
+    assert math.isclose(m["first_metrics"]["loss"], math.log(2), abs_tol=1e-3)  # cached logps match the policy
+
+
+def test_killed_reference_actor_is_replaced_and_every_pair_seen_once(tmp_path):
+    """SIGKILL the reference actor mid-epoch: Ray Data restarts it and retries its batches."""
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 12)
+    work = tmp_path / ".03_dpo_train.work" / "reference_actors"
+    killed = []
+
+    def kill_first_actor():
+        deadline = time.time() + 600
+        while time.time() < deadline and not killed:
+            files = list(work.glob("*.json")) if work.exists() else []
+            if files:
+                time.sleep(2)  # let it finish a batch or two first
+                pid = json.loads(files[0].read_text())["pid"]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.2)
+
+    t = threading.Thread(target=kill_first_actor, daemon=True)
+    t.start()
+    proc = run_stage(SCRIPT, CONFIG, f"train_path={pairs}", f"output_dir={tmp_path}", "num_epochs=1",
+                     "preference_tuning_config.logprob_processor_scaling_config.batch_size=1")
+    t.join(timeout=5)
+    assert killed, "the reference actor never started"
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = manifest(tmp_path)
+    assert m["rows"]["pairs_trained"] == 12
+    assert len(m["stats"]["reference_actors"]) >= 2  # the killed one and its replacement
+    cache = pd.read_parquet(m["reference_cache"])
+    assert len(cache) == 12 and cache["pair_id"].is_unique  # every pair exactly once
+
+
+@pytest.mark.parametrize("case", ["missing_input", "empty_responses", "too_long", "llmforge_typo", "bad_value"])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, case):
+    sets = {
+        "missing_input": [f"input_dir={tmp_path}/nowhere"],
+        "empty_responses": [f"train_path={write_pairs(tmp_path / 'p.jsonl', 3, chosen=' ')}"],
+        "too_long": [f"train_path={write_pairs(tmp_path / 'p.jsonl', 3)}", "context_length=16",
+                     "max_prompt_length=8"],
+        "llmforge_typo": ["preference_tuning_config.bta=0.1"],
+        "bad_value": ["preference_tuning_config.logprob_processor_scaling_config.batch_size=0"],
+    }[case]
+    proc = run_stage(SCRIPT, CONFIG, f"output_dir={tmp_path}", *sets)
+    line = one_line_error(proc)
+    expect = {"missing_input": "no 02_judge output", "empty_responses": "empty response",
+              "too_long": "context_length=16", "llmforge_typo": "did you mean 'preference_tuning_config.beta'",
+              "bad_value": "batch_size"}[case]
+    assert expect in line, line
+    assert not (tmp_path / "03_dpo_train").exists()
+
+
+def test_non_finite_loss_stops_with_step_and_pairs_named(tmp_path):
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 4)
+    proc = run_stage(SCRIPT, CONFIG, f"train_path={pairs}", f"output_dir={tmp_path}", "num_epochs=4",
+                     "learning_rate=1e6", "max_grad_norm=1e9", "train_batch_size_per_device=2")
+    line = one_line_error(proc)
+    assert "non-finite loss at step" in line and "pairs" in line
+    assert not (tmp_path / "03_dpo_train").exists()

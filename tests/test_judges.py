@@ -1,0 +1,233 @@
+"""Judges: parsing of judge replies (recorded malformed outputs included), the scoring arithmetic, and real runs:
+the MiniLM similarity judge on ACLSum through Ray Data, and the quiz and rubric judges through vLLM on Ray Data with
+the embedded 135M model as judge (its answers are poor: these runs check the pipeline and the counting)."""
+import json
+import math
+import random
+
+import pytest
+
+from common import schema as S
+from common.config import REPO, JudgeConfig, LLMJudgeConfig, PairingConfig, QuizConfig
+from common.judges import build_judge, error_counts, parse_details
+from common.judges.llm import extract_json, read_choice
+from common.judges.quiz import grade, parse_answers, parse_questions, questions_schema
+from common.judges.rubric import combine_orders, parse_rating, parse_verdict, win_shares
+from common.pairing import compare
+
+QS = PairingConfig(quality_threshold=0.6, quality_margin=0.05, min_length_gap=3)  # configs/quickstart/02_judge.yaml
+OPTS = ["alpha", "beta", "gamma", "delta", "epsilon"]
+
+
+def q(answer="B", options=OPTS, text="What is it?"):
+    return {"question": text, "options": list(options), "answer": answer}
+
+
+def aclsum(split="test"):
+    return [json.loads(line) for line in open(REPO / "data" / "aclsum" / f"{split}.jsonl")]
+
+
+# ---------------------------------------------------------------- JSON extraction and choices
+@pytest.mark.parametrize("text, expected", [
+    ('{"a": 1}', {"a": 1}),
+    ('Sure! Here you go:\n```json\n{"answers": ["A", "B"]}\n```\nHope it helps', {"answers": ["A", "B"]}),
+    ("{'answers': ['A', 'unsure']}", {"answers": ["A", "unsure"]}),  # Python-style quotes
+    ('{"answers": ["A", "B",],}', {"answers": ["A", "B"]}),  # trailing commas
+    ('The answers are ["C", "D"] I think', ["C", "D"]),
+    ('text with {braces} and then {"score": 7}', {"score": 7}),
+    ('{"questions": [{"question": "x", "options": ["a", "b"', None),  # cut off at max_tokens
+    ("no json here at all", None),
+    ("", None),
+    (None, None),
+])
+def test_extract_json(text, expected):
+    assert extract_json(text) == expected
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("B", "B"), ("b", "B"), ("(C)", "C"), ("D) delta", "D"), ("A. alpha", "A"), ("Option E", "E"), (2, "B"),
+    ("3", "C"), ("gamma", "C"), ("Unsure", "unsure"), ("I don't know", "unsure"), ("n/a", "unsure"),
+    ("F", None), (7, None), ("maybe beta or gamma", None), (None, None), (True, None), (1.5, None),
+])
+def test_read_choice(value, expected):
+    assert read_choice(value, OPTS) == expected
+
+
+# ---------------------------------------------------------------- quiz parsing and grading
+def test_parse_questions_accepts_variants():
+    reply = json.dumps({"questions": [
+        q("B"), {"question": "Which?", "choices": {"A": "1", "B": "2", "C": "3", "D": "4", "E": "5"}, "answer": "5"},
+        q("gamma")]})
+    got = parse_questions(reply, k=3, num_options=5)
+    assert [x["answer"] for x in got] == ["B", "E", "C"]
+    assert got[1]["options"] == ["1", "2", "3", "4", "5"]
+    assert parse_questions(json.dumps([q(), q(), q(), q()]), k=3, num_options=5) == [q(), q(), q()]  # bare list
+
+
+@pytest.mark.parametrize("reply", [
+    json.dumps({"questions": [q(), q()]}),  # too few questions
+    json.dumps({"questions": [q(), q(options=OPTS[:3]), q()]}),  # wrong number of options
+    json.dumps({"questions": [q(), q(answer="Z"), q()]}),  # key names no option
+    json.dumps({"questions": [q(), q(text=""), q()]}),  # empty question
+    json.dumps({"questions": [q(), q(answer="unsure"), q()]}),  # a key must be an answer
+    '{"questions": [{"question": "What does the paper propose?", "options": ["A new',  # truncated
+    "1. What does the paper propose?\nA) a parser B) a tagger\nAnswer: A",  # prose, no JSON
+    '{"question": "What?", "options": ["a", "b", "c", "d", "e"], "answer": "A"}',  # one object, no list
+])
+def test_parse_questions_rejects_malformed(reply):
+    assert parse_questions(reply, k=3, num_options=5) is None
+
+
+def test_parse_answers_and_grade_arithmetic():
+    questions = [q("A"), q("B"), q("C"), q("D"), q("E")]
+    answers = parse_answers('```json\n{"answers": ["A", "b)", "unsure", "E", "no idea at all"]}\n```', questions)
+    assert answers == ["A", "B", "unsure", "E", "unsure"]  # an entry naming no option counts as unsure
+    score, detail = grade(answers, questions)
+    assert score == 2.0
+    assert (detail["correct"], detail["unsure"], detail["wrong"], detail["questions"]) == (2, 2, 1, 5)
+    assert grade(["unsure"] * 5, questions)[0] == 0.0
+    assert grade(["A", "B", "C", "D", "E"], questions)[0] == 5.0
+
+
+@pytest.mark.parametrize("reply", [
+    '{"answers": ["A", "B"]}',  # fewer answers than questions
+    '{"answer": "A"}',
+    "A, B, C",
+    '{"answers": ["A", "B", "C"',
+    "",
+])
+def test_unparseable_answers_score_nan(reply):
+    questions = [q("A"), q("B"), q("C")]
+    score, detail = grade(parse_answers(reply, questions), questions)
+    assert math.isnan(score) and detail["error"] == "answers_unparseable"
+    score, detail = grade(None, None)
+    assert math.isnan(score) and detail["error"] == "questions_unparseable"
+
+
+def test_questions_schema_shape():
+    s = questions_schema(5, 4)
+    qs = s["properties"]["questions"]
+    assert (qs["minItems"], qs["maxItems"]) == (5, 5)
+    assert qs["items"]["properties"]["answer"]["enum"] == ["A", "B", "C", "D"]
+
+
+# ---------------------------------------------------------------- rubric parsing and pairwise arithmetic
+@pytest.mark.parametrize("text, expected", [
+    ('{"score": 7}', 7.0), ('{"rating": "8"}', 8.0), ("Score: 6", 6.0), ("I would rate it 9/10.", 9.0),
+    ("4 out of 10", 4.0), ("7", 7.0), ("**5**", 5.0),
+    ('{"score": 11}', math.nan), ('{"score": 0}', math.nan), ('{"score": 6.5}', math.nan),
+    ('{"quality": 5}', math.nan), ("The paper improves MRR by 20%.", math.nan), ("", math.nan),
+])
+def test_parse_rating(text, expected):
+    got = parse_rating(text, scale_max=10)
+    assert (math.isnan(got) and math.isnan(expected)) or got == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('{"winner": "A"}', "A"), ('{"winner": "b"}', "B"), ('{"winner": "tie"}', "tie"), ("Summary B", "B"),
+    ("A", "A"), ("**A**", "A"), ("Neither", "tie"), ('{"winner": "C"}', None), ("Both are good.", None), ("", None),
+])
+def test_parse_verdict(text, expected):
+    assert parse_verdict(text) == expected
+
+
+def test_pairwise_keeps_only_consistent_verdicts():
+    assert combine_orders("A", "B") == "x"  # x first: A; y first: B (= x) -> x, both orders agree
+    assert combine_orders("B", "A") == "y"
+    assert combine_orders("A", "A") == "inconsistent"  # always the first position: position bias
+    assert combine_orders("tie", "tie") == "tie"
+    assert combine_orders("A", None) == "unparseable"
+    # (first, second, outcome): "x" = the first won, "y" = the second won
+    shares = win_shares([("p", "q", "x"), ("p", "r", "inconsistent"), ("q", "r", "x"), ("p", "w", "unparseable")])
+    # p: 1 win + 1 inconsistent (half) of 2 readable = 0.75; q: 1 loss, 1 win = 0.5; r: 0.5 of 2 = 0.25; w: NaN
+    assert shares["p"]["score"] == 0.75 and shares["q"]["score"] == 0.5 and shares["r"]["score"] == 0.25
+    assert math.isnan(shares["w"]["score"]) and shares["p"]["inconsistent"] == 1
+
+
+# ---------------------------------------------------------------- the similarity judge on real data
+def _scores(ray, judge_cfg, rows):
+    ds = ray.data.from_items(rows, override_num_blocks=2)
+    out = build_judge(judge_cfg).score(ds).take_all()
+    return {r["key"]: r for r in out}
+
+
+def test_similarity_judge_is_meaningful_on_aclsum(ray_local):
+    """Own human summary vs another paper's: the faithful one must win >= 90%; the abstract itself vs its human
+    summary (both faithful): the pairing rule must prefer the shorter >= 90%."""
+    papers = aclsum("test")
+    other = papers[1:] + papers[:1]
+    rows = []
+    for p, o in zip(papers, other):
+        for kind, text in (("own", p["summary"]), ("other", o["summary"]), ("abstract", p["abstract"])):
+            rows.append({"key": f"{p['id']}|{kind}", S.PROMPT_ID: p["id"], S.SOURCE: p["abstract"], S.RESPONSE: text})
+    got = _scores(ray_local, JudgeConfig(), rows)
+    assert len(got) == 3 * len(papers)
+    r = got[f"{papers[0]['id']}|own"]
+    assert set(r) >= {S.SCORE, S.NUM_WORDS, S.JUDGE_DETAIL} and r[S.NUM_WORDS] == len(papers[0]["summary"].split())
+    assert json.loads(r[S.JUDGE_DETAIL])["similarity"] == pytest.approx(r[S.SCORE], abs=1e-4)
+
+    def pref(a, b):
+        return compare(a[S.SCORE], a[S.NUM_WORDS], b[S.SCORE], b[S.NUM_WORDS], QS)
+
+    faithful = sum(pref(got[f"{p['id']}|own"], got[f"{p['id']}|other"]) > 0 for p in papers) / len(papers)
+    assert faithful >= 0.9, f"the judge preferred the paper's own summary in only {faithful:.0%} of cases"
+    shorter_ok = 0
+    for p in papers:
+        own, ab = got[f"{p['id']}|own"], got[f"{p['id']}|abstract"]
+        shorter, longer = (own, ab) if own[S.NUM_WORDS] < ab[S.NUM_WORDS] else (ab, own)
+        shorter_ok += pref(shorter, longer) > 0
+    assert shorter_ok / len(papers) >= 0.9, f"the shorter faithful text won in only {shorter_ok}/{len(papers)}"
+
+
+# ---------------------------------------------------------------- LLM judges, real vLLM with the 135M model
+def _llm(model_path, **kw) -> LLMJudgeConfig:
+    llm = LLMJudgeConfig(max_tokens=384, **kw)
+    llm.model.path = model_path
+    llm.engine.max_num_seqs = 16
+    return llm
+
+
+def _candidates(n_papers=1):
+    rows = []
+    for i, p in enumerate(aclsum("test")[:n_papers]):
+        for k, text in enumerate([p["summary"], aclsum("test")[i + 5]["summary"], p["abstract"].split(". ")[0]]):
+            rows.append({S.PROMPT_ID: p["id"], S.SOURCE: p["abstract"], S.RESPONSE: text, S.CANDIDATE: k,
+                         S.PROMPT: [{"role": "user", "content": "Summarize: " + p["abstract"]}]})
+    return rows
+
+
+def test_quiz_judge_real_run_counts_unparseable(ray_local, model_path):
+    cfg = JudgeConfig(type="quiz", llm=_llm(model_path), quiz=QuizConfig(num_questions=3, num_options=4))
+    judge = build_judge(cfg)
+    rows = _candidates()
+    out = judge.score(ray_local.data.from_items(rows, override_num_blocks=1)).take_all()
+    assert len(out) == len(rows)
+    assert {S.PROMPT_ID, S.SOURCE, S.RESPONSE, S.CANDIDATE, S.PROMPT, S.SCORE, S.NUM_WORDS, S.JUDGE_DETAIL} <= set(out[0])
+    assert list(out[0][S.PROMPT])[0]["content"].startswith("Summarize: ")  # input columns come back intact
+    details = parse_details([r[S.JUDGE_DETAIL] for r in out])
+    for r, d in zip(out, details):
+        if math.isnan(r[S.SCORE]):
+            assert d["error"] in ("questions_unparseable", "answers_unparseable")
+        else:
+            assert r[S.SCORE] == d["correct"] and 0 <= d["correct"] <= 3
+            assert d["correct"] + d["unsure"] + d["wrong"] == 3
+    nan = sum(math.isnan(r[S.SCORE]) for r in out)
+    assert sum(error_counts(details).values()) == nan
+    summary = judge.summary(details)
+    assert summary["sources"] == 1 and summary["sources_questions_unparseable"] in (0, 1)
+
+
+def test_rubric_judge_real_run_counts_unparseable(ray_local, model_path):
+    """Plain prompting (no guided JSON): the 135M judge often answers in prose; those ratings are NaN, counted."""
+    cfg = JudgeConfig(type="rubric", llm=_llm(model_path, guided_json=False, max_tokens=48))
+    judge = build_judge(cfg)
+    rows = _candidates()
+    out = judge.score(ray_local.data.from_items(rows, override_num_blocks=1)).take_all()
+    assert len(out) == len(rows)
+    details = parse_details([r[S.JUDGE_DETAIL] for r in out])
+    for r, d in zip(out, details):
+        if math.isnan(r[S.SCORE]):
+            assert d["error"] == "rating_unparseable" and "raw" in d
+        else:
+            assert 1 <= r[S.SCORE] <= 10 and d["rating"] == r[S.SCORE]
+    assert error_counts(details).get("rating_unparseable", 0) == sum(math.isnan(r[S.SCORE]) for r in out)
