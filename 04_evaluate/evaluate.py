@@ -78,6 +78,14 @@ def read_outputs(path: str, name: str, ids: list[str], where: str) -> dict[str, 
     return {i: got[i] for i in ids}
 
 
+def trained_prompt(judge_m: dict):
+    """Stage 1's prompt config (stage 2's input), to check the evaluation asks the same thing; None if unknown."""
+    try:
+        return read_manifest((judge_m.get("input") or {})["dir"], "01_generate")["config"]["prompt"]
+    except (KeyError, TypeError, UserError):
+        return None
+
+
 @cli
 def main() -> None:
     args, cfg = parse(STAGE, __doc__)
@@ -160,6 +168,9 @@ def main() -> None:
     # Metrics, plots, report.md, metrics.json: all beside data/, so they land with the output.
     notes = [f"{n}: {k} of {len(prompts)} prompts were too long for the context and skipped" for n, k in
              skipped.items() if k]
+    if (trained := trained_prompt(judge_m)) and trained != cfg.prompt.model_dump():
+        notes.append(f"the prompt differs from stage 1's, which the DPO pairs were made with ({trained}): "
+                     f"the comparison is off the trained task")
     if len(common) < len(prompts):
         notes.append(f"{len(prompts) - len(common)} prompts not answered by every model are left out everywhere")
     metrics, table = report.assemble(

@@ -90,10 +90,12 @@ def tokenize_pairs(pairs: list[dict], cfg: DPOStageConfig, tokenizer_path: str, 
     for r in reasons:
         drops[r["drop_reason"]] = drops.get(r["drop_reason"], 0) + 1
     if len(reasons) == len(pairs):
-        why = "have an empty response" if set(drops) == {DROP_EMPTY} else \
-            f"do not fit context_length={cfg.context_length}"
-        raise UserError(f"{where}: all {len(pairs)} pairs {why} ({drops}); raise context_length / "
-                        f"max_prompt_length or set truncation: truncate_response")
+        if set(drops) == {DROP_EMPTY}:
+            raise UserError(f"{where}: all {len(pairs)} pairs have an empty chosen or rejected response; "
+                            f"check the pairs (stage 2's filters.min_words drops empty candidates)")
+        raise UserError(f"{where}: all {len(pairs)} pairs do not fit context_length={cfg.context_length} "
+                        f"({drops}); raise context_length / max_prompt_length or set truncation: "
+                        f"truncate_response")
     kept = ds.filter(lambda r: not r["drop_reason"]).drop_columns(["drop_reason"]).materialize()
     return kept, drops
 

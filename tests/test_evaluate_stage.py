@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from common import schema as S
-from common.config import DPOStageConfig, PairingConfig, load_config
+from common.config import DPOStageConfig, GenerateConfig, PairingConfig, PromptConfig, load_config
 from common.io import StageOutput
 from common.plots_training import plot_training_curves
 from conftest import REPO, run_stage
@@ -27,10 +27,18 @@ N_PROMPTS = 3
 OFF_TOPIC = ("Bananas are a popular fruit grown in tropical regions, and they are rich in potassium. " * 5).strip()
 
 
-def fake_judge_stage(run_dir):
+def fake_generate_stage(run_dir, template):
+    """A complete 01_generate output made with prompt `template` (stage 4 compares its own prompt with it)."""
+    out = StageOutput(GenerateConfig(output_dir=str(run_dir), prompt=PromptConfig(template=template)), "01_generate")
+    out.begin()
+    pd.DataFrame({S.PROMPT_ID: ["x"], S.RESPONSE: ["y"]}).to_parquet(out.data / "candidates.parquet")
+    return out.commit(rows={"candidates": 1})
+
+
+def fake_judge_stage(run_dir, generated=None):
     """A complete 02_judge output whose manifest carries the quickstart's judge, filters and pairing rule."""
     cfg = load_config("02_judge", str(REPO / "configs/quickstart/02_judge.yaml"), [f"output_dir={run_dir}"])
-    out = StageOutput(cfg, "02_judge")
+    out = StageOutput(cfg, "02_judge", upstream=generated)
     out.begin()
     pd.DataFrame({S.PAIR_ID: ["p0"], S.PROMPT_ID: ["x"]}).to_parquet(out.data / "pairs.parquet")
     return out.commit(rows={"pairs": 1})
@@ -80,7 +88,7 @@ def one_line_exit_2(proc):
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, model_path):
     run_dir = tmp_path_factory.mktemp("eval_run")
-    fake_judge_stage(run_dir)
+    fake_judge_stage(run_dir, fake_generate_stage(run_dir, "Summarize: {text}"))  # not stage 4's prompt: noted
     fake_dpo_stage(run_dir, model_path)
     outputs = write_outputs(run_dir / "offtopic.jsonl", held_out_ids())
     proc = run_stage(SCRIPT, QUICKSTART, *settings(run_dir, outputs))
@@ -129,7 +137,8 @@ def test_report_plots_and_manifest_written(evaluated):
     folder, m = evaluated["folder"], evaluated["metrics"]
     report = (folder / "report.md").read_text()
     for text in ("| metric", "| dpo", "sft (baseline)", "offtopic", "win rate vs sft [95% CI]", "50.0%",
-                 "How to read this", "faithfulness", "Side by side", "Example 1", "training_curves.png"):
+                 "How to read this", "faithfulness", "Side by side", "Example 1", "training_curves.png",
+                 "the prompt differs from stage 1's"):
         assert text in report, text
     for png in ("lengths.png", "scores.png", "win_tie_loss.png", "training_curves.png"):
         assert (folder / png).stat().st_size > 2000, png
