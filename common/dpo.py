@@ -163,7 +163,8 @@ def _with_cached_logps(tokenized, cache_path: Path):
 def train(cfg: DPOStageConfig, tokenized, cache: dict, policy: str, ref: str, work: Path, force: bool) -> dict:
     """Run the TorchTrainer. `work` holds Ray Train's checkpoints and the metrics log: a rerun after a crash with the
     same config resumes from the latest checkpoint there."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from common.config import config_hash
@@ -186,7 +187,7 @@ def train(cfg: DPOStageConfig, tokenized, cache: dict, policy: str, ref: str, wo
         train_loop_per_worker,
         train_loop_config={
             "cfg": run_cfg.model_dump(mode="json"), "num_pairs": num_pairs,
-            "metrics_file": str(work / "metrics.jsonl"),
+            "metrics_file": str(work / "metrics.jsonl"), "error_file": str(work / "error.txt"),
             "ref_cache_tmp": None if cache["hit"] else str(cache["tmp"]),
         },
         scaling_config=ScalingConfig(
@@ -197,12 +198,16 @@ def train(cfg: DPOStageConfig, tokenized, cache: dict, policy: str, ref: str, wo
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=cfg.max_failures)),
         datasets={"train": ds},
+        # Same order on every pass, so a worker resumed mid-epoch skips exactly the batches its checkpoint covers.
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
+    error_file = work / "error.txt"
+    error_file.unlink(missing_ok=True)
     result = trainer.fit()
+    if error_file.exists():
+        raise UserError(f"03_dpo_train: {error_file.read_text()}")
     if result.error:
         raise result.error
-    if result.metrics and result.metrics.get("error"):
-        raise UserError(f"03_dpo_train: {result.metrics['error']}")
     final = Path(result.checkpoint.path)
     metrics = [json.loads(line) for line in open(work / "metrics.jsonl")] if (work / "metrics.jsonl").exists() else []
     stats = {

@@ -176,7 +176,8 @@ def train_loop_per_worker(config: dict) -> None:
                 pairs = [str(p) for p in batch[S.PAIR_ID]][:4]
                 msg = (f"non-finite loss at step {state['global_step']} (epoch {epoch + 1}), batch of pairs "
                        f"{pairs}; lower learning_rate or check these pairs")
-                ray.train.report({"error": msg, "step": state["global_step"]})
+                if rank == 0:  # the driver turns this into one line and exit 2 (no retries: it would recur)
+                    Path(config["error_file"]).write_text(msg)
                 return
             if state["global_step"] == 0 and micro == 0:
                 diff = torch.cat([(logps[:b] - ref_c).abs(), (logps[b:] - ref_r).abs()]).max().item()

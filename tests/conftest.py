@@ -23,9 +23,10 @@ def model_path() -> str:
     return str(MODEL)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """One local Ray for the in-process tests, with the custom resources GPU configs ask for."""
+    """A local Ray for a module's in-process tests, with the custom resources GPU configs ask for. Module-scoped:
+    shut down before other modules start stage subprocesses, whose Ray would otherwise not be the only one here."""
     from common.config import RayConfig
     from common.ray_setup import init_ray
 
@@ -46,3 +47,16 @@ def run_stage(script: str, config: str, *sets: str, force: bool = False, timeout
     if force:
         cmd.append("--force")
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(proc) -> str:
+    """A user error: exit 2 and exactly one `error:` line, with no traceback from our process. (Ray workers' own
+    log lines, prefixed `(ActorName pid=...)`, are Ray's and are left out of the traceback check.)"""
+    import re
+
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    ours = [ln for ln in proc.stderr.splitlines() if not re.match(r"^\s*(\x1b\[[0-9;]*m)*\(", ln)]
+    assert not any("Traceback" in ln for ln in ours), proc.stderr[-3000:]
+    errors = [ln for ln in ours if ln.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    return errors[0]

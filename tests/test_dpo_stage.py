@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import REPO, run_stage
+from conftest import REPO, one_line_error, run_stage
 
 CONFIG = REPO / "configs/quickstart/03_dpo_train.yaml"
 SCRIPT = "03_dpo_train/train.py"
@@ -29,14 +29,6 @@ def write_pairs(path: Path, n: int, **overrides) -> Path:
                     "chosen": r["summary"].split(". ")[0].rstrip(".") + ".", "rejected": r["summary"]}
             f.write(json.dumps({**pair, **overrides}) + "\n")
     return path
-
-
-def one_line_error(proc) -> str:
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, proc.stderr[-2000:]
-    return lines[0]
 
 
 def manifest(out: Path) -> dict:
@@ -173,7 +165,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, case):
 def test_non_finite_loss_stops_with_step_and_pairs_named(tmp_path):
     pairs = write_pairs(tmp_path / "pairs.jsonl", 4)
     proc = run_stage(SCRIPT, CONFIG, f"train_path={pairs}", f"output_dir={tmp_path}", "num_epochs=4",
-                     "learning_rate=1e6", "max_grad_norm=1e9", "train_batch_size_per_device=2")
+                     "learning_rate=1e38", "train_batch_size_per_device=2")  # a typo of 1e-5
     line = one_line_error(proc)
     assert "non-finite loss at step" in line and "pairs" in line
     assert not (tmp_path / "03_dpo_train").exists()
