@@ -80,8 +80,8 @@ def build_engine(model: ModelConfig, engine: EngineConfig, preprocess: Callable,
         # vLLM's CPU worker cannot rewind a seeded sampler after a partial (chunked) prefill ("CPU Generator does
         # not use offset"), and every candidate here has its own seed: schedule whole prompts only.
         **({"enable_chunked_prefill": False} if on_cpu else {}),
-        **engine.engine_kwargs,
     )
+    engine_kwargs.update(engine.engine_kwargs)  # the config's engine_kwargs win
     cfg = vLLMEngineProcessorConfig(
         model_source=require_model(model.path, "model.path"),
         engine_kwargs=engine_kwargs,
