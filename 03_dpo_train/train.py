@@ -22,7 +22,7 @@ from common.dpo import (load_pairs, plan, reference_cache, tokenize_pairs, train
                         write_reference_cache)
 from common.errors import cli  # noqa: E402
 from common.io import StageOutput, read_manifest  # noqa: E402
-from common.plots_training import plot_training_curves  # noqa: E402
+from common.plots import plot_training_curves  # noqa: E402
 from common.ray_setup import check_fits, init_ray, print_plan  # noqa: E402
 from common.stage import parse  # noqa: E402
 

@@ -4,11 +4,13 @@
     python 04_evaluate/evaluate.py --config configs/quickstart/04_evaluate.yaml --set data.limit=20 --force
     python 04_evaluate/evaluate.py --config configs/gpu/04_evaluate.yaml --dry-run   # plan only, no GPU needed
 
-Reads the final model from stage 3's manifest (`dpo_dir`) and the judge from stage 2's (`judge_dir`), generates one
-response per held-out prompt with each model (greedy by default: stage 1's generation code, one Ray Data pipeline
-and one vLLM engine per model, one model at a time on the same Ray), takes `others` given as a jsonl of
-outputs as they are, scores every response with stage 2's judge, and writes `<output_dir>/04_evaluate/`:
-report.md (the table, the bar, side-by-side examples), metrics.json, PNG plots and the judged responses (data/).
+Reads the final model from stage 3's manifest (`dpo_dir`) and the judge, filters and pairing rule from stage 2's
+(`judge_dir`; or from this config with `judge_dir: null`). Generates one response per held-out prompt with each model
+(greedy by default: stage 1's generation code, one Ray Data pipeline and one vLLM engine per model, one model at a
+time on the same Ray), takes `others` given as a jsonl of outputs as they are, scores every response with the judge,
+decides each prompt's DPO-vs-baseline match with the pairing rule (common.report), and writes
+`<output_dir>/04_evaluate/`: report.md (the table, the bar, side-by-side examples), metrics.json, PNG plots and the
+judged responses (data/).
 """
 import hashlib
 import json
@@ -31,7 +33,8 @@ from common.data import load_prompts  # noqa: E402
 from common.errors import UserError, cli  # noqa: E402
 from common.generation import SKIP, engine_asks, generate, tokenize_prompts  # noqa: E402
 from common.io import StageOutput, fingerprint, read_manifest  # noqa: E402
-from common.judges import build_judge  # noqa: E402
+from common.judges import build_judge, score_range  # noqa: E402
+from common.pairing import check_threshold  # noqa: E402
 from common.ray_setup import Ask, check_fits, init_ray, print_plan  # noqa: E402
 from common.stage import parse  # noqa: E402
 
@@ -78,6 +81,24 @@ def read_outputs(path: str, name: str, ids: list[str], where: str) -> dict[str, 
     return {i: got[i] for i in ids}
 
 
+def judge_settings(cfg, where: str, dry_run: bool):
+    """(judge, filters, pairing rule, stage 2's manifest): stage 2's, or the config's own with judge_dir: null."""
+    if not cfg.judge_dir:  # no stage-2 run (DPO on your own pairs): the config's blocks, checked as stage 2 would
+        judge, pairing = cfg.judge or JudgeConfig(), cfg.pairing or PairingConfig()
+        check_threshold(judge, pairing, *score_range(judge), where)
+        return judge, cfg.filters or FilterConfig(), pairing, None
+    m = upstream(cfg.judge_dir, "02_judge", dry_run)
+    if m is None:
+        return None, None, None, None
+    c = m["config"]
+    return (JudgeConfig.model_validate(c["judge"]), FilterConfig.model_validate(c["filters"]),
+            PairingConfig.model_validate(c["pairing"]), m)
+
+
+def bar(targets: list[dict]) -> str:
+    return "".join(f"{'PASS' if t['pass'] else 'FAIL'}: {t['check']}\n" for t in targets)
+
+
 def trained_prompt(judge_m: dict):
     """Stage 1's prompt config (stage 2's input), to check the evaluation asks the same thing; None if unknown."""
     try:
@@ -90,9 +111,8 @@ def trained_prompt(judge_m: dict):
 def main() -> None:
     args, cfg = parse(STAGE, __doc__)
     # Stage 4 uses exactly stage 2's judge, filters and pairing rule: read them from its manifest.
-    judge_m = upstream(cfg.judge_dir, "02_judge", args.dry_run)
+    judge_cfg, filters, pairing, judge_m = judge_settings(cfg, args.config, args.dry_run)
     dpo_m = upstream(cfg.dpo_dir, "03_dpo_train", args.dry_run)
-    judge_cfg = JudgeConfig.model_validate(judge_m["config"]["judge"]) if judge_m else None
     judge = build_judge(judge_cfg) if judge_cfg else None
 
     # One model generates at a time (its engine stops before the next starts), then the judge scores them all.
@@ -117,13 +137,14 @@ def main() -> None:
     names = [n for n, _, _ in systems]
 
     # Reuse only if nothing it read changed: both manifests, the prompts and every outputs file.
-    inputs = [dpo_m["fingerprint"], dpo_m["created"], judge_m["fingerprint"], judge_m["created"],
-              fingerprint(resolve(cfg.data.path))] + \
+    inputs = [dpo_m["fingerprint"], dpo_m["created"], fingerprint(resolve(cfg.data.path))] + \
+        [judge_m[k] for k in ("fingerprint", "created") if judge_m] + \
         [fingerprint(resolve(m.outputs)) for m in [cfg.baseline, *cfg.others] if m.outputs]
     up = {"dir": dpo_m["dir"], "fingerprint": hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]}
     out = StageOutput(cfg, STAGE, upstream=up, force=args.force)
     if (done := out.reusable()):
-        print(f"\n{done['table']}\n\n[{STAGE}] Report: {done['dir']}/report.md", flush=True)
+        print(f"\n{done['table']}\n\n{bar(done.get('targets', []))}", flush=True)
+        print(f"[{STAGE}] Report: {done['dir']}/report.md", flush=True)
         return
 
     init_ray(cfg.ray)
@@ -155,7 +176,7 @@ def main() -> None:
     if not common:
         raise UserError(f"{args.config}: no prompt was answered by every model (all too long for one of them?); "
                         f"raise model.max_model_len or lower sampling.max_tokens")
-    order = {pid: i for i, pid in enumerate(ids)}  # a prompt's responses side by side: the judge embeds its source once
+    order = {pid: i for i, pid in enumerate(ids)}  # a prompt's responses side by side: its source is embedded once
     rows = sorted((r for r in rows if r[S.PROMPT_ID] in common), key=lambda r: order[r[S.PROMPT_ID]])
 
     out.begin()
@@ -168,20 +189,20 @@ def main() -> None:
     # Metrics, plots, report.md, metrics.json: all beside data/, so they land with the output.
     notes = [f"{n}: {k} of {len(prompts)} prompts were too long for the context and skipped" for n, k in
              skipped.items() if k]
-    if (trained := trained_prompt(judge_m)) and trained != cfg.prompt.model_dump():
+    if judge_m and (trained := trained_prompt(judge_m)) and trained != cfg.prompt.model_dump():
         notes.append(f"the prompt differs from stage 1's, which the DPO pairs were made with ({trained}): "
                      f"the comparison is off the trained task")
     if len(common) < len(prompts):
         notes.append(f"{len(prompts) - len(common)} prompts not answered by every model are left out everywhere")
     metrics, table = report.assemble(
-        out.tmp, df, names, cfg, judge=judge_cfg, filters=FilterConfig.model_validate(judge_m["config"]["filters"]),
-        pairing=PairingConfig.model_validate(judge_m["config"]["pairing"]), dpo_manifest=dpo_m, notes=notes,
-        models_used={n: p or "outputs file" for n, p, _ in systems})
+        out.tmp, df, names, cfg, judge=judge_cfg, filters=filters, pairing=pairing, dpo_manifest=dpo_m,
+        notes=notes, models_used={n: p or "outputs file" for n, p, _ in systems})
     stats = {"prompts": len(common), "generate_seconds": gen_seconds, "judge_seconds": round(judge_seconds, 1),
              "win_rate": {n: w.get("win_rate") for n, w in metrics["win_rate"].items()}}
-    manifest = out.commit(rows={"responses": len(df)}, stats=stats, judge_dir=judge_m["dir"], table=table,
-                          report=str(out.final / "report.md"), metrics_file=str(out.final / "metrics.json"))
-    print(f"\n{table}\n", flush=True)
+    manifest = out.commit(rows={"responses": len(df)}, stats=stats, judge_dir=judge_m["dir"] if judge_m else None,
+                          table=table, targets=metrics["targets"], report=str(out.final / "report.md"),
+                          metrics_file=str(out.final / "metrics.json"))
+    print(f"\n{table}\n\n{bar(metrics['targets'])}", flush=True)
     print(f"[{STAGE}] {len(names)} models x {len(common)} prompts judged in {time.time() - t0:.0f}s. "
           f"Report: {manifest['dir']}/report.md", flush=True)
 

@@ -144,12 +144,34 @@ class QuizConfig(Base):
         '\n\nReply with JSON only: {{"questions": [{{"question": "...", "options": ["...", ...],'
         ' "answer": "A"}}, ...]}}\n\nText:\n{source}'
     )
-    # Placeholders: {response} {questions} {num_questions} {letters} {last_letter}
+    # Placeholders: {response} {questions} {num_questions} {letters} {last_letter}. The questions come before the
+    # response, so the n responses to one source share a prompt prefix (vLLM prefix caching reuses it).
     answer_prompt: str = (
-        "Answer the questions using only the summary below, not what you know. If the summary does not say,"
-        ' answer "unsure".\n\nSummary:\n{response}\n\nQuestions:\n{questions}\n\nReply with JSON only, one'
-        ' answer per question, in order: {{"answers": ["A", "unsure", ...]}} (each one of {letters} or unsure)'
+        "Answer these questions using only the summary that follows them, not what you know. If the summary does"
+        ' not say, answer "unsure".\n\nQuestions:\n{questions}\n\nSummary:\n{response}\n\nReply with JSON'
+        ' only, one answer per question, in order: {{"answers": ["A", "unsure", ...]}} (each one of {letters} or'
+        " unsure)"
     )
+
+    @staticmethod
+    def check_template(template: str, allowed: tuple[str, ...]) -> str:
+        """A prompt template must format with exactly these placeholders (literal braces written {{ }})."""
+        try:
+            template.format(**{k: "" for k in allowed})
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"cannot fill the prompt template ({type(e).__name__}: {e}); placeholders are "
+                             f"{', '.join('{' + k + '}' for k in allowed)}, write literal braces as {{{{ and }}}}")
+        return template
+
+    @field_validator("question_prompt")
+    @classmethod
+    def _question_prompt(cls, v):
+        return cls.check_template(v, ("source", "num_questions", "num_options", "letters", "last_letter"))
+
+    @field_validator("answer_prompt")
+    @classmethod
+    def _answer_prompt(cls, v):
+        return cls.check_template(v, ("response", "questions", "num_questions", "letters", "last_letter"))
 
 
 class RubricConfig(Base):
@@ -165,6 +187,16 @@ class RubricConfig(Base):
         "Which summary captures the source more faithfully and concisely?\n\nSource:\n{source}"
         "\n\nSummary A:\n{a}\n\nSummary B:\n{b}"
     )
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        return QuizConfig.check_template(v, ("source", "response", "scale_max"))
+
+    @field_validator("pairwise_prompt")
+    @classmethod
+    def _pairwise_prompt(cls, v):
+        return QuizConfig.check_template(v, ("source", "a", "b"))
 
 
 class JudgeConfig(Base):
@@ -310,7 +342,11 @@ class CompareModel(Base):
 
 class EvaluateStageConfig(StageBase):
     dpo_dir: str = "${output_dir}/03_dpo_train"  # the final model is read from this stage's manifest
-    judge_dir: str = "${output_dir}/02_judge"  # the judge config is read from stage 2's manifest
+    judge_dir: Optional[str] = "${output_dir}/02_judge"  # judge, filters, pairing rule: from stage 2's manifest
+    # Only with judge_dir: null (no stage-2 run, e.g. DPO on your own pairs): the judge settings to use instead.
+    judge: Optional[JudgeConfig] = None  # null = JudgeConfig() (similarity)
+    filters: Optional[FilterConfig] = None
+    pairing: Optional[PairingConfig] = None
     baseline: CompareModel = CompareModel(name="sft", path="models/smollm2-135m-instruct")
     others: list[CompareModel] = []  # more systems in the same table
     data: DataConfig = DataConfig(path="data/aclsum/test.jsonl", columns={"id": "id", "text": "abstract"})
@@ -323,6 +359,14 @@ class EvaluateStageConfig(StageBase):
     target_win_rate: float = Field(default=0.7, ge=0, le=1)  # the report checks DPO against these two
     max_score_drop: float = Field(default=0.02, ge=0)  # in the judge's score units (mean, DPO vs baseline)
     seed: int = 0
+
+    @field_validator("judge", "filters", "pairing")
+    @classmethod
+    def _only_without_stage2(cls, v, info):
+        if v is not None and info.data.get("judge_dir"):
+            raise ValueError(f"`{info.field_name}` comes from stage 2's manifest in judge_dir; set judge_dir: null "
+                             f"to give your own")
+        return v
 
     @field_validator("sampling")
     @classmethod
@@ -429,7 +473,11 @@ def load_config(stage: str, path: str, overrides: list[str] = ()) -> StageBase:
         if "=" not in item:
             raise UserError(f"--set {item}: expected key.sub=value (e.g. --set preference_tuning_config.beta=0.05)")
         k, v = item.split("=", 1)
-        _set_dotted(raw, k.strip(), yaml.safe_load(v) if v else "", path)
+        try:
+            value = yaml.safe_load(v) if v else ""
+        except yaml.YAMLError:
+            raise UserError(f"--set {item}: the value is not valid YAML; quote it, e.g. --set '{k}=\"...\"'") from None
+        _set_dotted(raw, k.strip(), value, path)
     scalars = {k: v for k, v in raw.items() if isinstance(v, (str, int, float))}
     scalars.setdefault("output_dir", schema.model_fields["output_dir"].default)
     try:

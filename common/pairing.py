@@ -50,6 +50,16 @@ def compare(a_score: float, a_words: int, b_score: float, b_words: int, cfg: Pai
     return decide(a_score, a_words, b_score, b_words, cfg)[0]
 
 
+def pairable(prompt_ids: Iterable[str], texts: Iterable[str]) -> bool:
+    """Whether any prompt has two different texts: without one, no judge can make a pair."""
+    seen: dict[str, str] = {}
+    for pid, text in zip(prompt_ids, texts):
+        t = normalize(text)
+        if seen.setdefault(pid, t) != t:
+            return True
+    return False
+
+
 def _tiebreak(seed: int, *parts: Any) -> int:
     return int(hashlib.sha1("\x1f".join(map(str, (seed, *parts))).encode()).hexdigest()[:12], 16)
 

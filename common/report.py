@@ -65,7 +65,7 @@ def outcomes(df: pd.DataFrame, model: str, baseline: str, pairing: PairingConfig
 
 # ---------------------------------------------------------------- metrics
 def quality_thresholds(judge: JudgeConfig, pairing: PairingConfig) -> list[float]:
-    """quiz: share with >= 3 and >= 4 correct (the Anyscale table); others: share at or above the pairing threshold."""
+    """quiz: share with >= 3 and >= 4 correct (the Anyscale table); others: share at/above the pairing threshold."""
     if judge.type == "quiz":
         return [3, 4]
     return [pairing.quality_threshold]
@@ -169,7 +169,7 @@ def table_rows(metrics: dict, judge: JudgeConfig, filters: FilterConfig, pairing
     ]
     for t in quality_thresholds(judge, pairing):
         label = f"accuracy (>= {t:g} correct)" if judge.type == "quiz" else \
-            f"share faithful (score >= {t:g}, stage 2's threshold)"
+            f"share faithful (score >= {t:g}, the pairing threshold)"
         rows.append(row(label, lambda n, k=threshold_key(t): _pct(models[n].get(k))))
     rows += [
         row("median compression (words / source words)", lambda n: _pct(models[n]["median_compression"])),
@@ -263,7 +263,8 @@ def draw_plots(df: pd.DataFrame, names: list[str], metrics: dict, judge: JudgeCo
 # ---------------------------------------------------------------- report.md
 def write_report(path: Path, *, metrics: dict, names: list[str], dpo: str, df: pd.DataFrame, judge: JudgeConfig,
                  filters: FilterConfig, pairing: PairingConfig, data_desc: str, decoding: str, num_examples: int,
-                 target_win_rate: float, max_score_drop: float, plots: dict[str, str], notes: list[str]) -> str:
+                 target_win_rate: float, max_score_drop: float, plots: dict[str, str], notes: list[str],
+                 from_stage2: bool = True) -> str:
     """Writes report.md; returns the metric table (markdown) so the stage can print it."""
     base = metrics["baseline"]
     table = markdown_table(header(names, base), table_rows(metrics, judge, filters, pairing, names))
@@ -272,11 +273,15 @@ def write_report(path: Path, *, metrics: dict, names: list[str], dpo: str, df: p
     rule = (f"if either response scores below {pairing.quality_threshold:g}, the higher score wins"
             f"{f' (by at least {pairing.quality_margin:g})' if pairing.quality_margin else ''}; otherwise the "
             f"shorter wins when it is at least {pairing.min_length_gap} words shorter; anything else is a tie")
+    rule_name = "stage 2's pairing rule (the rule that built the training pairs)" if from_stage2 else \
+        "the pairing rule of this config"
+    bounds = "stage 2's filter bounds" if from_stage2 else "the filter bounds"
     checks = target_check(metrics, dpo, target_win_rate, max_score_drop)
     lines = [
         f"# Stage 4: {dpo} against {base}",
         "",
-        f"{data_desc}; {decoding}. Judge: `{judge.type}` (stage 2's judge, unchanged).",
+        f"{data_desc}; {decoding}. Judge: `{judge.type}`, with its filters and pairing rule, from "
+        f"{'stage 2, unchanged' if from_stage2 else 'this config (no stage-2 run)'}.",
         "",
         table,
         "",
@@ -288,12 +293,12 @@ def write_report(path: Path, *, metrics: dict, names: list[str], dpo: str, df: p
         "",
         f"- **Judge score**: {meaning}. Higher is better.",
         f"- **Win rate** against {base}: each prompt is one match between the two responses to it, decided by "
-        f"stage 2's pairing rule (the rule that built the training pairs): {rule}. Identical responses tie. "
+        f"{rule_name}: {rule}. Identical responses tie. "
         f"Win rate = (wins + 0.5 x ties) / prompts; 50% means no difference. The 95% interval is a bootstrap "
         f"over prompts: with few prompts it is wide, and a win rate whose interval contains 50% is not a "
         f"difference.",
         "- **Compression** = response words / source words (lower is shorter). **Too long / too short** use "
-        f"stage 2's filter bounds ({filters.min_words}-{filters.max_words} words); **invalid characters** uses "
+        f"{bounds} ({filters.min_words}-{filters.max_words} words); **invalid characters** uses "
         "its regex. **Hit max_tokens**: the response was cut off by `sampling.max_tokens`; if that share is "
         "large, lengths and scores describe truncated text.",
         "- A DPO model that wins by being shorter while its judge score holds is what the pairs rewarded; "
@@ -326,7 +331,7 @@ def assemble(folder: Path, df: pd.DataFrame, names: list[str], cfg: EvaluateStag
         folder / "report.md", metrics=metrics, names=names, dpo=dpo, df=df, judge=judge, filters=filters,
         pairing=pairing, data_desc=f"{prompts} held-out prompts from `{cfg.data.path}`", decoding=decoding,
         num_examples=cfg.num_examples, target_win_rate=cfg.target_win_rate, max_score_drop=cfg.max_score_drop,
-        plots=files, notes=notes)
+        plots=files, notes=notes, from_stage2=bool(cfg.judge_dir))
     metrics.update({
         "prompts": prompts, "judge": judge.type, "decoding": decoding, "notes": notes, "models_used": models_used,
         "targets": [{"check": c, "pass": ok} for c, ok in target_check(metrics, dpo, cfg.target_win_rate,

@@ -17,7 +17,8 @@ import pytest
 from common import schema as S
 from common.config import DPOStageConfig, GenerateConfig, PairingConfig, PromptConfig, load_config
 from common.io import StageOutput
-from common.plots_training import plot_training_curves
+from common.plots import plot_training_curves
+from common.report import SYSTEM
 from conftest import REPO, run_stage
 
 SCRIPT = "04_evaluate/evaluate.py"
@@ -118,18 +119,18 @@ def test_off_topic_outputs_lose_every_prompt(evaluated):
 def test_per_model_metrics_match_the_judged_rows(evaluated):
     df = pd.read_parquet(evaluated["folder"] / "data")
     assert len(df) == 3 * N_PROMPTS
-    assert sorted(df["model"].unique()) == ["dpo", "offtopic", "sft"]
+    assert sorted(df[SYSTEM].unique()) == ["dpo", "offtopic", "sft"]
     assert np.isfinite(df[S.SCORE]).all()
     for name, m in evaluated["metrics"]["models"].items():
-        rows = df[df["model"] == name]
+        rows = df[df[SYSTEM] == name]
         assert m["n"] == N_PROMPTS
         assert m["mean_score"] == pytest.approx(rows[S.SCORE].mean())
         assert m["mean_words"] == pytest.approx(rows[S.NUM_WORDS].mean())
         ratio = rows[S.NUM_WORDS] / rows[S.SOURCE].str.split().str.len()
         assert m["median_compression"] == pytest.approx(ratio.median())
     # greedy decoding of the same model: the same text, prompt by prompt
-    a = df[df["model"] == "dpo"].set_index(S.PROMPT_ID)[S.RESPONSE]
-    b = df[df["model"] == "sft"].set_index(S.PROMPT_ID)[S.RESPONSE]
+    a = df[df[SYSTEM] == "dpo"].set_index(S.PROMPT_ID)[S.RESPONSE]
+    b = df[df[SYSTEM] == "sft"].set_index(S.PROMPT_ID)[S.RESPONSE]
     assert (a.sort_index() == b.sort_index()).all()
 
 
@@ -148,7 +149,8 @@ def test_report_plots_and_manifest_written(evaluated):
     assert manifest["status"] == "complete" and manifest["rows"] == {"responses": 3 * N_PROMPTS}
     assert manifest["table"] in report
     out = evaluated["proc"].stdout
-    assert "win rate vs sft" in out and "Report:" in out  # the table is printed at the end
+    assert "win rate vs sft" in out and "Report:" in out  # the table is printed at the end ...
+    assert "FAIL: win rate vs sft >= 70% (got 50.0%)" in out  # ... with the bar
     assert "resource plan" in out
 
 
@@ -215,6 +217,17 @@ def test_quickstart_dry_run_plans_the_judge_of_stage_2(tmp_path):
     assert "03_dpo_train" in proc.stdout  # noted as missing, not an error, in a dry run
 
 
+def test_without_stage_2_the_config_gives_the_judge(tmp_path):
+    """judge_dir: null (DPO on your own pairs): the config's own blocks, with stage 2's threshold check."""
+    line = one_line_exit_2(cli("--config", QUICKSTART, "--dry-run", "--set", f"output_dir={tmp_path}",
+                               "--set", "judge_dir=null"))
+    assert "pairing.quality_threshold=3 is outside the similarity judge's scores" in line
+    proc = cli("--config", QUICKSTART, "--dry-run", "--set", f"output_dir={tmp_path}", "--set", "judge_dir=null",
+               "--set", "pairing.quality_threshold=0.6")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "judge (similarity)" in proc.stdout
+
+
 # ---------------------------------------------------------------- the verdict, by hand
 def test_verdicts_follow_the_pairing_rule_and_identical_text_ties():
     """Pairing rule defaults: threshold 3, margin 0, length gap 3. Prompts:
@@ -224,7 +237,7 @@ def test_verdicts_follow_the_pairing_rule_and_identical_text_ties():
     d: same text, scores differ by float noise  -> tie                -> 0.5
     e: baseline unjudged (NaN)                  -> left out           -> NaN
     """
-    from common.report import SYSTEM, outcomes
+    from common.report import outcomes
 
     rows = [("a", 4.0, 10, 4.0, 20), ("b", 2.0, 5, 4.0, 30), ("c", 5.0, 11, 5.0, 12),
             ("d", 1.0, 7, 1.0 + 1e-9, 7), ("e", 4.0, 5, float("nan"), 9)]

@@ -30,8 +30,7 @@ def one_error_line(proc):
 def stage1(tmp_path_factory, model_path):
     out = tmp_path_factory.mktemp("run")
     proc = run_stage("01_generate/generate.py", REPO / "configs" / "quickstart" / "01_generate.yaml",
-                     f"output_dir={out}", "data.limit=4", "sampling.n=3",
-                     "engine.engine_kwargs={enable_chunked_prefill: false}")
+                     f"output_dir={out}", "data.limit=4", "sampling.n=3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 

@@ -3,12 +3,12 @@ the MiniLM similarity judge on ACLSum through Ray Data, and the quiz and rubric 
 the embedded 135M model as judge (its answers are poor: these runs check the pipeline and the counting)."""
 import json
 import math
-import random
 
 import pytest
+from pydantic import ValidationError
 
 from common import schema as S
-from common.config import REPO, JudgeConfig, LLMJudgeConfig, PairingConfig, QuizConfig
+from common.config import REPO, JudgeConfig, LLMJudgeConfig, PairingConfig, QuizConfig, RubricConfig
 from common.judges import build_judge, error_counts, parse_details
 from common.judges.llm import extract_json, read_choice
 from common.judges.quiz import grade, parse_answers, parse_questions, questions_schema
@@ -111,6 +111,14 @@ def test_questions_schema_shape():
     assert qs["items"]["properties"]["answer"]["enum"] == ["A", "B", "C", "D"]
 
 
+
+def test_prompt_templates_are_checked_when_the_config_loads():
+    with pytest.raises(ValidationError, match=r"placeholders are \{source\}, \{response\}, \{scale_max\}"):
+        RubricConfig(prompt="Rate {summary} against {source}")
+    with pytest.raises(ValidationError, match="literal braces"):
+        QuizConfig(answer_prompt='Reply {"answers": []} for {response}')
+    QuizConfig(answer_prompt='Reply {{"answers": []}} for {response}')  # escaped braces are fine
+
 # ---------------------------------------------------------------- rubric parsing and pairwise arithmetic
 @pytest.mark.parametrize("text, expected", [
     ('{"score": 7}', 7.0), ('{"rating": "8"}', 8.0), ("Score: 6", 6.0), ("I would rate it 9/10.", 9.0),
@@ -142,6 +150,36 @@ def test_pairwise_keeps_only_consistent_verdicts():
     # p: 1 win + 1 inconsistent (half) of 2 readable = 0.75; q: 1 loss, 1 win = 0.5; r: 0.5 of 2 = 0.25; w: NaN
     assert shares["p"]["score"] == 0.75 and shares["q"]["score"] == 0.5 and shares["r"]["score"] == 0.25
     assert math.isnan(shares["w"]["score"]) and shares["p"]["inconsistent"] == 1
+
+
+# Replies the embedded 135M model gave as judge without guided JSON (recorded once, shortened).
+RECORDED_QUESTIONS = (
+    "Question:\n\nWhat is the best way to test the performance of a machine translation (MT) system?\n\n"
+    "Question:\n\nWhat is the best way to test the performance of a machine translation (MT) system?\n\n"
+    "Question:\n\nWhat is t"
+)
+RECORDED_ANSWERS = [
+    "1. What does the paper propose?\nA) Alpha\nB) Beta\nC) Gamma\nD) Delta\n\nQuestion: What does the paper "
+    "propose?\nB) Alpha\nC) Beta\nD) Gamma\n\nQuestion: Which data is used?\nA) Alpha\nB) Beta\nC) Gamma\nD) "
+    "Delta\n\nQuestion: What does the proposed analog",
+    "A) alpha",
+]
+RECORDED_RATINGS = [
+    "https://www.golang.org/p/zvwvwvw/1\n\nA:\n\nhttps://www.golang.org/p/zvwvwvw/1\n\nA:\n\n",
+    "The source is:\nhttps://www.google.com/translate/#!api_key=12345678901234567890123456789012345678901234567890",
+    "The source is:\nhttps://www.google.com/translate/translate-google-translate-handling-terminology-is-an-"
+    "important-matter-in-a-translation-workflow-1\n\nThe summary is:\nHandling terminology is an important matter "
+    "in a translation workflow\n\nThe source is:\n",
+]
+
+
+def test_recorded_135m_replies_are_unparseable_not_errors():
+    assert parse_questions(RECORDED_QUESTIONS, k=3, num_options=4) is None
+    questions = [q("A", OPTS[:4]), q("B", OPTS[:4]), q("C", OPTS[:4])]
+    for reply in RECORDED_ANSWERS:
+        score, detail = grade(parse_answers(reply, questions), questions)
+        assert math.isnan(score) and detail["error"] == "answers_unparseable"
+    assert all(math.isnan(parse_rating(r, scale_max=10)) for r in RECORDED_RATINGS)
 
 
 # ---------------------------------------------------------------- the similarity judge on real data
@@ -181,7 +219,7 @@ def test_similarity_judge_is_meaningful_on_aclsum(ray_local):
 
 # ---------------------------------------------------------------- LLM judges, real vLLM with the 135M model
 def _llm(model_path, **kw) -> LLMJudgeConfig:
-    llm = LLMJudgeConfig(max_tokens=384, **kw)
+    llm = LLMJudgeConfig(**{"max_tokens": 384, **kw})
     llm.model.path = model_path
     llm.engine.max_num_seqs = 16
     return llm
@@ -202,7 +240,8 @@ def test_quiz_judge_real_run_counts_unparseable(ray_local, model_path):
     rows = _candidates()
     out = judge.score(ray_local.data.from_items(rows, override_num_blocks=1)).take_all()
     assert len(out) == len(rows)
-    assert {S.PROMPT_ID, S.SOURCE, S.RESPONSE, S.CANDIDATE, S.PROMPT, S.SCORE, S.NUM_WORDS, S.JUDGE_DETAIL} <= set(out[0])
+    columns = {S.PROMPT_ID, S.SOURCE, S.RESPONSE, S.CANDIDATE, S.PROMPT, S.SCORE, S.NUM_WORDS, S.JUDGE_DETAIL}
+    assert columns <= set(out[0])
     assert list(out[0][S.PROMPT])[0]["content"].startswith("Summarize: ")  # input columns come back intact
     details = parse_details([r[S.JUDGE_DETAIL] for r in out])
     for r, d in zip(out, details):

@@ -2,8 +2,9 @@
 
 A judge is any object with
 
-    asks() -> list[Ask]     the Ray workers it starts (for the resource plan, before anything starts)
-    score(ds) -> Dataset    lazy: every input column + SCORE (float, NaN = unparseable), NUM_WORDS, JUDGE_DETAIL
+    asks() -> list[Ask]          the Ray workers it starts (for the resource plan, before anything starts)
+    score(ds) -> Dataset         every input column + SCORE (float, NaN = unparseable), NUM_WORDS, JUDGE_DETAIL
+    summary(details) -> dict     judge-specific counts for the manifest, from the parsed JUDGE_DETAILs
 
 `ds` needs PROMPT_ID, SOURCE and RESPONSE. Higher SCORE is better; the pairing rule (common.pairing) and the
 stage-4 win rate both read SCORE, so a judge's SCORE is its whole opinion of a response.
@@ -24,6 +25,8 @@ class Judge(Protocol):
     def asks(self) -> list[Ask]: ...
 
     def score(self, ds): ...
+
+    def summary(self, details: list[dict[str, Any]]) -> dict[str, Any]: ...
 
 
 def num_words(text: Any) -> int:

@@ -1,8 +1,8 @@
 """Asking a judge LLM, for the `quiz` and `rubric` judges: the same vLLM-on-Ray-Data engine as stage 1
 (common.generation.build_engine), fed our own tokenised chat prompts, plus forgiving JSON parsing.
 
-`ask(ds, llm, build, schema)` adds one column, RAW: the judge's reply to the chat messages `build(row)` makes for
-each row. With `llm.guided_json` the reply is constrained to `schema` by vLLM's structured outputs
+`ask(ds, llm, build, schema, max_tokens)` adds two columns: RAW, the judge's reply to the chat messages `build(row)`
+makes for each row, and SKIPPED, why a row was not sent ("" when it was). With `llm.guided_json` the reply is constrained to `schema` by vLLM's structured outputs
 (`StructuredOutputsParams(json=...)`); the parsers below still accept anything a model without it writes: code
 fences, prose around the JSON, single quotes, trailing commas. A prompt too long for the judge's context is not
 sent (RAW = "", SKIPPED = the reason) and its row ends up unparseable: NaN, counted, never a crash.

@@ -11,13 +11,10 @@ scale. n responses per prompt cost n x (n - 1) judge calls.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter, defaultdict
 from typing import Any
-
-import numpy as np
 
 from common import schema as S
 from common.config import LLMJudgeConfig, RubricConfig
@@ -26,7 +23,8 @@ from common.judges.llm import RAW, SKIPPED, ask, extract_json, llm_asks
 from common.ray_setup import Ask
 
 RATING_FORMAT = '\n\nReply with JSON only: {{"score": <an integer from 1 to {scale_max}>}}'
-VERDICT_FORMAT = '\n\nReply with JSON only: {"winner": "A"} or {"winner": "B"}, or {"winner": "tie"} if neither is better.'
+VERDICT_FORMAT = ('\n\nReply with JSON only: {"winner": "A"} or {"winner": "B"}, or {"winner": "tie"} if neither is'
+                  ' better.')
 _A, _B = "_rubric_a", "_rubric_b"
 
 

@@ -6,7 +6,7 @@ pairing rule (common.pairing) weighs it, with `quality_threshold` as the similar
 unfaithful, so one rule decides both the training pairs and the stage-4 win rate.
 
 Runs as a Ray Data actor pool (ActorPoolStrategy): each actor loads the SentenceTransformer once and embeds each
-distinct source of a batch once (a batch holds a prompt's n candidates side by side).
+distinct text of a batch once.
 """
 from __future__ import annotations
 
@@ -31,12 +31,13 @@ class _Embedder:
     def __call__(self, batch):  # a pyarrow Table: nested columns (PROMPT) pass through untouched
         responses = [str(r or "") for r in batch.column(S.RESPONSE).to_pylist()]
         sources = [str(s or "") for s in batch.column(S.SOURCE).to_pylist()]
-        distinct = list(dict.fromkeys(sources))
-        enc = dict(normalize_embeddings=True, batch_size=self.batch_size, show_progress_bar=False)
-        src = self.model.encode(distinct, **enc)
-        resp = self.model.encode(responses, **enc)
-        index = {s: i for i, s in enumerate(distinct)}
-        sim = np.einsum("ij,ij->i", resp, src[[index[s] for s in sources]]).astype(np.float64)
+        # Each distinct text once: a batch holds a prompt's n candidates side by side, all with one source.
+        distinct = list(dict.fromkeys(sources + responses))
+        emb = self.model.encode(distinct, normalize_embeddings=True, batch_size=self.batch_size,
+                                show_progress_bar=False)
+        index = {t: i for i, t in enumerate(distinct)}
+        resp, src = emb[[index[t] for t in responses]], emb[[index[t] for t in sources]]
+        sim = np.einsum("ij,ij->i", resp, src).astype(np.float64)
         return with_scores(batch, sim, [{"similarity": round(float(x), 4)} for x in sim])
 
 
