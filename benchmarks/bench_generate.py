@@ -86,6 +86,8 @@ def worker_hf(args) -> None:
     cfg = _cfg(args)
     prompts, tok = _prompts(cfg)
     torch.manual_seed(cfg.sampling.seed)
+    if args.hf_threads:
+        torch.set_num_threads(args.hf_threads)
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=getattr(torch, cfg.model.dtype)).eval()
     load_s = time.perf_counter() - t0
@@ -232,7 +234,7 @@ def _binding(log: Path) -> dict:
 def run(name: str, worker: str, args, logs: Path, extra_env: dict | None = None, extra_args=()) -> dict:
     cmd = [PY, str(Path(__file__).resolve()), "--worker", worker, "--n", str(args.n),
            "--max-tokens", str(args.max_tokens), "--workdir", str(args.workdir),
-           "--hf-batch-prompts", str(args.hf_batch_prompts), *extra_args]
+           "--hf-batch-prompts", str(args.hf_batch_prompts), "--hf-threads", str(args.hf_threads), *extra_args]
     if args.limit:
         cmd += ["--limit", str(args.limit)]
     if args.chunked_prefill:
@@ -260,6 +262,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--hf-batch-prompts", type=int, default=16, help="(a): prompts per generate call (x n seqs)")
+    ap.add_argument("--hf-threads", type=int, default=0,
+                    help="(a): torch threads (0 = torch's default, one per core); see docs/benchmarks.md")
     ap.add_argument("--repeats", type=int, default=1, help="repeat the (b),(c) pair, interleaved")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--variants", action="store_true",

@@ -163,8 +163,7 @@ def _with_cached_logps(tokenized, cache_path: Path):
 def train(cfg: DPOStageConfig, tokenized, cache: dict, policy: str, ref: str, work: Path, force: bool) -> dict:
     """Run the TorchTrainer. `work` holds Ray Train's checkpoints and the metrics log: a rerun after a crash with the
     same config resumes from the latest checkpoint there."""
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from common.config import config_hash
@@ -198,8 +197,6 @@ def train(cfg: DPOStageConfig, tokenized, cache: dict, policy: str, ref: str, wo
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=cfg.max_failures)),
         datasets={"train": ds},
-        # Same order on every pass, so a worker resumed mid-epoch skips exactly the batches its checkpoint covers.
-        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
     error_file = work / "error.txt"
     error_file.unlink(missing_ok=True)

@@ -126,15 +126,25 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     kept_rows: list[dict] | None = None  # this worker's rows of a complete first pass, reused by later epochs
 
-    def epoch_batches(epoch: int):
+    def epoch_batches(epoch: int, skip: set[str]):
+        """Batches of `bs` pairs. `skip`: pairs this epoch already trained on before a restart (from the
+        checkpoint), left out by id, so a resumed epoch sees every other pair exactly once."""
         if kept_rows is not None:  # reference log-probs already known: no second pass through the pool
             rows = list(kept_rows)
             random.Random(cfg.seed * 1000 + epoch).shuffle(rows)
-            for i in range(0, len(rows), bs):
-                chunk = rows[i:i + bs]
-                yield {k: [r[k] for r in chunk] for k in BATCH_COLUMNS}
+            source = iter([rows])
         else:
-            yield from shard.iter_batches(batch_size=bs, batch_format="numpy", prefetch_batches=2)
+            source = ({k: b[k][i] for k in BATCH_COLUMNS} for b in shard.iter_batches(
+                batch_size=bs, batch_format="numpy", prefetch_batches=2) for i in range(len(b[S.PAIR_ID])))
+            source = ([r] for r in source)
+        buf: list[dict] = []
+        for rows in source:
+            buf.extend(r for r in rows if str(r[S.PAIR_ID]) not in skip)
+            while len(buf) >= bs:
+                yield buf[:bs]
+                buf = buf[bs:]
+        if buf:
+            yield buf
 
     pad_id = getattr(model, "module", model).config.pad_token_id or 0
     t_log = time.time()
@@ -143,21 +153,22 @@ def train_loop_per_worker(config: dict) -> None:
     ref_pids: set[int] = set()
     for epoch in range(state["epoch"], cfg.num_epochs):
         streamed = kept_rows is None  # this epoch pulls from the reference pool
+        done = state.setdefault("done_ids", [])  # pair ids trained on in this epoch (kept in checkpoints)
+        resumed = bool(done)  # a resumed epoch sees only part of the shard: not a complete first pass
         seen: list[dict] = []
-        it = iter(epoch_batches(epoch))
+        it = iter(epoch_batches(epoch, set(done)))
         micro = 0
         while True:
             t_wait = time.time()
-            batch = next(it, None)
+            rows = next(it, None)
             window["ref_wait"] += time.time() - t_wait  # time blocked on the reference pool
-            if batch is None:
+            if rows is None:
                 break
+            batch = {k: [r[k] for r in rows] for k in BATCH_COLUMNS}
             ref_pids.update(int(x) for x in batch[REF_PID])
             if streamed:
-                seen.extend({k: batch[k][i] for k in BATCH_COLUMNS} for i in range(len(batch[S.PAIR_ID])))
-            if micro // ga < state["step_in_epoch"]:  # resuming mid-epoch: skip what the checkpoint covers
-                micro += 1
-                continue
+                seen.extend(rows)
+            done.extend(str(p) for p in batch[S.PAIR_ID])
             ids, attn, mask = collate_pairs(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], pad_id)
             ids, attn, mask = ids.to(device), attn.to(device), mask.to(device)
             b = len(batch["prompt_ids"])
@@ -227,11 +238,11 @@ def train_loop_per_worker(config: dict) -> None:
                 elif state["step_in_epoch"] < steps_per_epoch:
                     ray.train.report(m)
                 last_metrics = m
-        if streamed:
+        if streamed and not resumed:
             kept_rows = seen
             if ref_cache_dir is not None:
                 _write_ref_cache(seen, ref_cache_dir, rank)
-        state.update(epoch=epoch + 1, step_in_epoch=0)
+        state.update(epoch=epoch + 1, step_in_epoch=0, done_ids=[])
         _report(last_metrics, state, model, optimizer, scheduler, rank, cfg, merged=epoch + 1 == cfg.num_epochs)
 
 
