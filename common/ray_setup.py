@@ -22,6 +22,8 @@ LOCAL_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "VLLM_LOGGING_LEVEL": "WARNING",
     "VLLM_CONFIGURE_LOGGING": "1",
+    # A loaded 2-core machine can take longer than Ray's default to register its raylet.
+    "RAY_raylet_start_wait_time_s": "120",
 }
 
 
