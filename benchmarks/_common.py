@@ -111,6 +111,24 @@ def _status_kib(pid: int, key: str) -> int | None:
     return None
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process so far (from /proc/<pid>/stat), in seconds."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def _cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -120,9 +138,10 @@ def _cmdline(pid: int) -> str:
 
 
 class TreeMemorySampler(threading.Thread):
-    """Polls every process under `root_pid` and keeps, per process, its command line and peak RSS (VmHWM, the
+    """Polls every process under `root_pid` and keeps, per process, its command line, peak RSS (VmHWM, the
     kernel's own high-water mark, so a peak between two polls is not missed as long as one poll happens while the
-    process is alive). Only descendants of our own subprocess are read: other jobs on the machine are ignored."""
+    process is alive) and CPU seconds used (utime + stime; what a process uses after the last poll before it exits
+    is missed). Only descendants of our own subprocess are read: other jobs on the machine are ignored."""
 
     def __init__(self, root_pid: int, interval: float = 0.2):
         super().__init__(daemon=True)
@@ -136,16 +155,42 @@ class TreeMemorySampler(threading.Thread):
                 hwm = _status_kib(pid, "VmHWM")
                 if hwm is None:
                     continue
-                rec = self.procs.setdefault(pid, {"cmd": "", "peak_kib": 0})
+                rec = self.procs.setdefault(pid, {"cmd": "", "comm": "", "peak_kib": 0, "cpu_s": 0.0})
                 cmd = _cmdline(pid)
                 if cmd:
                     rec["cmd"] = cmd[:200]
+                rec["comm"] = _comm(pid) or rec["comm"]
                 rec["peak_kib"] = max(rec["peak_kib"], hwm)
+                cpu = _cpu_seconds(pid)
+                if cpu is not None:
+                    rec["cpu_s"] = max(rec["cpu_s"], cpu)
             self._halt.wait(self.interval)
 
     def stop(self) -> None:
         self._halt.set()
         self.join(timeout=5)
+
+    def cpu_by_process(self) -> dict[str, float]:
+        """CPU seconds per kind of process (vLLM names its processes; Ray's show in their command lines)."""
+        out: dict[str, float] = {}
+        for pid, r in self.procs.items():
+            cmd, comm = r["cmd"], r["comm"]
+            if "EngineCore" in comm or "EngineCore" in cmd:
+                k = "vllm EngineCore (scheduler)"
+            elif "Worker" in comm and "ray::" not in cmd:
+                k = "vllm Worker (model, OMP threads)"
+            elif "vLLMEngineStageUDF" in cmd:
+                k = "ray actor: vLLM frontend (AsyncLLM)"
+            elif pid == self.root:
+                k = "driver / benchmark process"
+            elif "raylet" in cmd or "gcs_server" in cmd:
+                k = "ray raylet + gcs"
+            elif "ray::" in cmd:
+                k = "other ray workers (Ray Data tasks, idle workers)"
+            else:
+                k = "other: " + (comm or cmd[:40])
+            out[k] = round(out.get(k, 0.0) + r["cpu_s"], 1)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def peak_mib(self, contains: str) -> float | None:
         vals = [r["peak_kib"] for r in self.procs.values() if contains in r["cmd"]]

@@ -1,7 +1,8 @@
 """Stage 3 (DPO on Ray Train + the streaming reference actor pool) against TRL's DPOTrainer, in one run.
 
-    .venv/bin/python benchmarks/bench_dpo.py                      # full size: 32 pairs, ~10-15 min on 2 cores
-    .venv/bin/python benchmarks/bench_dpo.py --pairs 8 --quick    # smoke test of the harness (~5 min)
+    .venv/bin/python benchmarks/bench_dpo.py                      # full size: 32 pairs, 5 runs, ~12 min here
+    .venv/bin/python benchmarks/bench_dpo.py --plan os,t,oc,osr,oc,os   # interleaved A/B of target (3) and its fix
+    .venv/bin/python benchmarks/bench_dpo.py --pairs 4 --plan os,t,oc   # smoke test of the harness (~5 min)
 
 Same model (models/smollm2-135m-instruct, bf16), same pairs (ACLSum-derived, the recipe of
 tests/test_dpo_stage.py::write_pairs), same batch size (4 pairs), same max length (512), same LoRA setting (the
@@ -19,14 +20,17 @@ the `ray::RayTrainWorker` process, sampled from /proc while it lives (only proce
 TRL runs in a subprocess of this script (`--worker trl`): epoch time from TrainerCallback on_epoch_begin/end,
 peak RSS from resource.getrusage(RUSAGE_SELF).ru_maxrss.
 
-Runs are interleaved (ours, TRL, ours-cached, ... ) so a change in machine load hits both sides; the load average
-is recorded next to every run.
+Runs are interleaved (`--plan`, default os,t,oc,of,tf: ours, TRL, ours-cached, ours full, TRL full) so a change in
+machine load hits both sides; the load average is recorded next to every run. `osr` runs stage 3 through
+benchmarks/_stage3_reblocked.py: the same script with the reference-pool input re-split into blocks, to measure the
+fix proposed in docs/benchmarks.md without editing common/.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import re
 import shutil
 import statistics
 import sys
@@ -150,11 +154,12 @@ def trl_worker(args) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- driver
-def run_ours(name: str, pairs: Path, out_dir: Path, epochs: int, full: bool, logs: Path, timeout: int) -> dict:
+def run_ours(name: str, pairs: Path, out_dir: Path, epochs: int, full: bool, logs: Path, timeout: int,
+             script: str = "03_dpo_train/train.py") -> dict:
     sets = [f"train_path={pairs}", f"output_dir={out_dir}", f"num_epochs={epochs}"]
     if full:
         sets += ["lora_config=null", f"learning_rate={FULL_LR}"]
-    cmd = [PY, str(REPO / "03_dpo_train/train.py"), "--config", str(CONFIG), "--force"]
+    cmd = [PY, str(REPO / script), "--config", str(CONFIG), "--force"]
     for s in sets:
         cmd += ["--set", s]
     load0 = loadavg()
@@ -193,9 +198,9 @@ def run_ours(name: str, pairs: Path, out_dir: Path, epochs: int, full: bool, log
 
 
 def run_trl(name: str, pairs: Path, work: Path, epochs: int, full: bool, logs: Path, timeout: int,
-            gradient_checkpointing: bool = False, autocast: bool = False) -> dict:
+            gradient_checkpointing: bool = False, autocast: bool = False, threads: int = 1) -> dict:
     cmd = [PY, str(Path(__file__).resolve()), "--worker", "trl", "--pairs-file", str(pairs), "--workdir", str(work),
-           "--epochs", str(epochs)] + (["--full"] if full else []) + \
+           "--epochs", str(epochs), "--threads", str(threads)] + (["--full"] if full else []) + \
           (["--trl-gradient-checkpointing"] if gradient_checkpointing else []) + \
           (["--trl-autocast"] if autocast else [])
     load0 = loadavg()
@@ -219,9 +224,11 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--pairs", type=int, default=32, help="ACLSum-derived pairs (default 32: 8 steps of 4)")
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=1, help="repeat the interleaved ours/TRL/cached block")
-    ap.add_argument("--skip-full", action="store_true", help="skip the full fine-tuning memory runs")
-    ap.add_argument("--quick", action="store_true", help="harness smoke test: LoRA only, one repeat")
+    ap.add_argument("--plan", default="os,t,oc,of,tf",
+                    help="runs in order, comma-separated: os = ours LoRA, streaming reference pool (cache miss); "
+                         "t = TRL LoRA; oc = ours LoRA on the reference cache (hit); of / tf = ours / TRL full "
+                         "fine-tuning; tfg = tf with TRL's default gradient checkpointing; osr = os with the reference-pool input re-split into blocks (the fix proposed "
+                         "in docs/benchmarks.md). E.g. os,t,oc,osr,oc,os for an interleaved A/B of (3)")
     ap.add_argument("--workdir", default="/tmp/bench_dpo")
     ap.add_argument("--out", default=None, help="results json (default benchmarks/results/dpo-<date>.json)")
     ap.add_argument("--timeout", type=int, default=1200, help="per run, seconds")
@@ -229,9 +236,12 @@ def main() -> None:
     ap.add_argument("--worker", choices=["trl"], help=argparse.SUPPRESS)
     ap.add_argument("--pairs-file", help=argparse.SUPPRESS)
     ap.add_argument("--full", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)  # worker: 0 = torch default
     ap.add_argument("--trl-gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--trl-autocast", action="store_true", help="TRL with its default bf16=True autocast")
+    ap.add_argument("--trl-threads", type=int, default=1,
+                    help="torch threads for TRL: 1 (its fastest on this shared 2-core machine, see "
+                         "docs/benchmarks.md); 0 = torch's default, one per core")
     args = ap.parse_args()
     if args.worker == "trl":
         sys.path.insert(0, str(REPO))
@@ -252,37 +262,49 @@ def main() -> None:
         return r
 
     cached_dir = work / "ours_cached"
-    for i in range(1 if args.quick else args.repeats):
-        # (1) + (3): ours streaming (fresh output dir: cache miss), TRL, ours on the cache the first run wrote.
-        fresh = work / f"ours_lora_{i}"
-        shutil.rmtree(fresh, ignore_errors=True)  # no reference cache from an earlier run: a real cache miss
-        show(run_ours(f"ours_lora_stream_{i}", pairs, fresh, args.epochs, False, logs, args.timeout))
-        if i == 0:
-            shutil.rmtree(cached_dir, ignore_errors=True)
-            if (fresh / "ref_logps").exists():
-                shutil.copytree(fresh / "ref_logps", cached_dir / "ref_logps")
-        show(run_trl(f"trl_lora_{i}", pairs, work, args.epochs, False, logs, args.timeout, autocast=args.trl_autocast))
-        show(run_ours(f"ours_lora_cached_{i}", pairs, cached_dir, args.epochs, False, logs, args.timeout))
-    if not (args.quick or args.skip_full):
-        # (2) full fine-tuning memory (and time)
-        shutil.rmtree(work / "ours_full", ignore_errors=True)
-        show(run_ours("ours_full_stream", pairs, work / "ours_full", args.epochs, True, logs, args.timeout))
-        show(run_trl("trl_full", pairs, work, args.epochs, True, logs, args.timeout, autocast=args.trl_autocast))
+    shutil.rmtree(cached_dir, ignore_errors=True)  # filled by this invocation's first streaming LoRA run
+    count: dict[str, int] = {}
+    trl_kw = dict(autocast=args.trl_autocast, threads=args.trl_threads)
+    for tok in [t.strip() for t in args.plan.split(",") if t.strip()]:
+        k = count[tok] = count.get(tok, -1) + 1
+        if tok in ("os", "osr", "of"):  # ours, streaming reference pool: fresh output dir, so a real cache miss
+            full = tok == "of"
+            name = {"os": "ours_lora_stream", "osr": "ours_lora_stream_reblocked", "of": "ours_full_stream"}[tok]
+            fresh = work / f"{name}_{k}"
+            shutil.rmtree(fresh, ignore_errors=True)
+            script = "benchmarks/_stage3_reblocked.py" if tok == "osr" else "03_dpo_train/train.py"
+            r = show(run_ours(f"{name}_{k}", pairs, fresh, args.epochs, full, logs, args.timeout, script=script))
+            if not full and "error" not in r and not (cached_dir / "ref_logps").exists():
+                shutil.copytree(fresh / "ref_logps", cached_dir / "ref_logps")  # the cache "oc" runs will hit
+        elif tok == "oc":  # ours on the reference cache a streaming run wrote (stage 3's rerun: cache hit)
+            if not (cached_dir / "ref_logps").exists():
+                raise SystemExit("--plan: 'oc' needs an earlier 'os' run (it reuses that run's reference cache)")
+            show(run_ours(f"ours_lora_cached_{k}", pairs, cached_dir, args.epochs, False, logs, args.timeout))
+        elif tok in ("t", "tf"):
+            full = tok == "tf"
+            show(run_trl(f"{'trl_full' if full else 'trl_lora'}_{k}", pairs, work, args.epochs, full, logs,
+                         args.timeout, **trl_kw))
+        elif tok == "tfg":  # TRL full fine-tuning with its default gradient checkpointing (memory for time)
+            show(run_trl(f"trlgc_full_{k}", pairs, work, args.epochs, True, logs, args.timeout,
+                         gradient_checkpointing=True, **trl_kw))
+        else:
+            raise SystemExit(f"--plan: unknown run '{tok}' (known: os, t, oc, of, tf, tfg, osr)")
 
     def med(vals):
         vals = [v for v in vals if v is not None]
         return round(statistics.median(vals), 2) if vals else None
 
     ok = [r for r in runs if "error" not in r]
-    stream = [r for r in ok if r["name"].startswith("ours_lora_stream")]
+    stream = [r for r in ok if re.fullmatch(r"ours_lora_stream_\d+", r["name"])]
+    reblocked = [r for r in ok if r["name"].startswith("ours_lora_stream_reblocked")]
     cached = [r for r in ok if r["name"].startswith("ours_lora_cached")]
     trl_lora = [r for r in ok if r["name"].startswith("trl_lora")]
-    ours_full = next((r for r in ok if r["name"] == "ours_full_stream"), None)
-    trl_full = next((r for r in ok if r["name"] == "trl_full"), None)
+    ours_full = next((r for r in ok if r["name"].startswith("ours_full_stream")), None)
+    trl_full = next((r for r in ok if r["name"].startswith("trl_full")), None)
     ep1 = lambda r: r["epochs"][0]["seconds"] if r.get("epochs") else None  # noqa: E731
     summary = {
         "epoch1_seconds": {"ours_stream": med(map(ep1, stream)), "ours_cached": med(map(ep1, cached)),
-                           "trl": med(map(ep1, trl_lora))},
+                           "trl": med(map(ep1, trl_lora)), "ours_stream_reblocked": med(map(ep1, reblocked))},
         "process_seconds": {"ours_stream": med(r["process_seconds"] for r in stream),
                             "ours_cached": med(r["process_seconds"] for r in cached),
                             "trl": med(r["process_seconds"] for r in trl_lora)},
@@ -293,6 +315,10 @@ def main() -> None:
                                                           summary["process_seconds"]["trl"])
     summary["ratio_3_overlap_stream_vs_cached"] = _ratio(summary["epoch1_seconds"]["ours_stream"],
                                                          summary["epoch1_seconds"]["ours_cached"])
+    summary["with_fix_ratio_1_epoch_reblocked_vs_trl_lora"] = _ratio(summary["epoch1_seconds"]["ours_stream_reblocked"],
+                                                                     summary["epoch1_seconds"]["trl"])
+    summary["with_fix_ratio_3_overlap_reblocked_vs_cached"] = _ratio(
+        summary["epoch1_seconds"]["ours_stream_reblocked"], summary["epoch1_seconds"]["ours_cached"])
     summary["ratio_3b_overlap_stage_seconds"] = _ratio(med(r["stage_seconds"] for r in stream),
                                                        med(r["stage_seconds"] for r in cached))
     if ours_full and trl_full:
@@ -302,6 +328,11 @@ def main() -> None:
         summary["ratio_2_full_ft_peak_rss_ours_vs_trl"] = _ratio(ours_full["trainer_peak_rss_mib"],
                                                                  trl_full["peak_rss_mib"])
         summary["ratio_1c_epoch_full_ft_ours_vs_trl"] = _ratio(ep1(ours_full), ep1(trl_full))
+    trl_gc = next((r for r in ok if r["name"].startswith("trlgc_full")), None)
+    if ours_full and trl_gc:
+        summary.setdefault("full_ft_peak_rss_mib", {})["trl_gradient_checkpointing"] = trl_gc["peak_rss_mib"]
+        summary["ratio_2b_full_ft_peak_rss_ours_vs_trl_gradient_checkpointing"] = _ratio(
+            ours_full["trainer_peak_rss_mib"], trl_gc["peak_rss_mib"])
     targets = {"ratio_1_epoch_ours_vs_trl_lora": 0.8, "ratio_2_full_ft_peak_rss_ours_vs_trl": 0.6,
                "ratio_3_overlap_stream_vs_cached": 1.1}
     result = {

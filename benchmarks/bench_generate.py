@@ -9,7 +9,8 @@ n=4 candidates, max_tokens=96, temperature 0.8, top_p 0.95, same 2 cores. Each e
 one after the other, so none shares threads or memory with another; the load average is recorded next to each.
 
   (a) HF: `model.generate`, batched (prompts sorted by length, 16 prompts x num_return_sequences=4 = 64 sequences
-      per batch, left padding), sampling; torch uses both cores.
+      per batch, left padding), sampling; torch with 1 thread (`--hf-threads`): on this 2-core machine 2 OMP
+      threads made HF 6x slower (8.1 vs 50.2 tok/s, same prompts), so 1 thread is HF's best, the fair baseline.
   (b) bare vLLM: one `LLM(...)` in one process, the 400 requests in one `generate` call, each with the per-candidate
       seed stage 1 uses (`common.generation.candidate_seed`), so (b) and (c) decode the very same tokens.
   (c) stage 1: `common.generation.tokenize_prompts` + `generate` on a local Ray, exactly as 01_generate/generate.py
@@ -18,12 +19,11 @@ one after the other, so none shares threads or memory with another; the load ave
 Generated tokens/s = generated tokens (EOS counted, padding not) / generation seconds, engine start excluded:
   (a) the `generate` calls; model load reported separately.
   (b) the `LLM.generate` call; `LLM(...)` construction reported as engine start.
-  (c) from the first request the engine received to the end of the parquet write. The first request's time comes
-      from vLLM's own per-request timer: stage 1's postprocess (`_candidate_row`) is wrapped to also stamp each row
-      with time.time(); `t_post - time_taken_llm` is when that request was handed to the engine, and its minimum
-      over all rows is when generation began (an upper bound: stamping happens after the engine returns a row, so the
-      window can only come out slightly short, by the postprocess hand-off of one row). Everything before that -
-      Ray Data start, the engine actor's start and vLLM init - is reported as start-up. Nothing in common/ is edited.
+  (c) from the first request the engine received to the end of the parquet write. The first request's time is
+      vLLM's own wall-clock `arrival_time` of each request (RequestOutput.metrics, which ray.data.llm passes through
+      to the row): stage 1's postprocess (`_candidate_row`) is wrapped, in this process, to copy it into the output
+      rows; the minimum over rows is when generation began. Everything before that - Ray Data start, the engine
+      actor's start and vLLM init - is reported as start-up. Nothing in common/ is edited.
 
 Both vLLM runs get engine_kwargs {enable_chunked_prefill: false}: with vLLM 0.32 on CPU a seeded request whose
 prefill is split across steps crashes the engine (`RuntimeError: CPU Generator does not use offset`, see
@@ -167,7 +167,9 @@ def worker_stage1(args) -> None:
     from common.data import load_prompts
     from common.ray_setup import init_ray
 
-    extra = [f"ray.env_vars.VLLM_LOGGING_LEVEL=INFO"]  # so the engine's CPU binding line reaches our log
+    extra = ["ray.env_vars.VLLM_LOGGING_LEVEL=INFO"]  # so the engine's CPU binding line reaches our log
+    if args.stage1_fix:  # what bare LLM.generate does: no per-step stats logging ...
+        extra.append("engine.engine_kwargs.disable_log_stats=true")
     if args.batch_size:
         extra.append(f"engine.batch_size={args.batch_size}")
     cfg = _cfg(args, extra)
@@ -180,13 +182,27 @@ def worker_stage1(args) -> None:
 
     original = G._candidate_row
 
-    def stamped_candidate_row(row, max_tokens):  # stage 1's postprocess + two timing columns
+    def stamped_candidate_row(row, max_tokens):  # stage 1's postprocess + timing columns
         out = original(row, max_tokens)
+        metrics = row.get("metrics") or {}
+        out["bench_arrival"] = float(metrics.get("arrival_time") or "nan")  # vLLM: request reached the engine
         out["bench_t_post"] = time.time()
         out["bench_time_taken_llm"] = float(row.get("time_taken_llm", -1.0))
         return out
 
     G._candidate_row = stamped_candidate_row  # looked up when generate() builds its postprocess lambda
+    if args.stage1_fix:  # ... and only the final output of each request (LLM.generate sets FINAL_ONLY; ray.data.llm
+        # leaves vLLM's default CUMULATIVE: a RequestOutput per request per step, through the async frontend)
+        from vllm.sampling_params import RequestOutputKind
+
+        original_sampling_row = G._sampling_row
+
+        def final_only_sampling_row(row, sampling, seed):
+            row = original_sampling_row(row, sampling, seed)
+            row["sampling_params"]["output_kind"] = RequestOutputKind.FINAL_ONLY
+            return row
+
+        G._sampling_row = final_only_sampling_row
 
     # From here on, what 01_generate/generate.py does.
     t0 = time.time()
@@ -202,19 +218,23 @@ def worker_stage1(args) -> None:
     G.generate(tokenized, cfg.model, cfg.engine, cfg.sampling).write_parquet(str(out_dir))
     t_end = time.time()
     df = pd.read_parquet(out_dir)
-    first_req = float((df["bench_t_post"] - df["bench_time_taken_llm"]).min())
+    first_req = float(df["bench_arrival"].min())
     last_post = float(df["bench_t_post"].max())
     tokens = int(df["num_response_tokens"].sum())
     gen_s = t_end - first_req
     emit({"engine": "stage1", "prompts": len(prompts) - len(skipped), "sequences": len(df),
           "generated_tokens": tokens, "generation_seconds": round(gen_s, 2),
-          "generation_seconds_to_last_postprocess": round(last_post - first_req, 2),
           "start_seconds": round(first_req - t_tok, 2), "ray_init_seconds": round(t_ray - t_begin, 2),
           "tokenize_seconds": round(t_tok - t0, 2), "pipeline_seconds": round(t_end - t_tok, 2),
           "tokens_per_second": round(tokens / gen_s, 2),
           "tokens_per_second_incl_startup": round(tokens / (t_end - t_tok), 2),
-          "batch_size": cfg.engine.batch_size, "engine_kwargs": cfg.engine.engine_kwargs,
-          "max_time_taken_llm": round(float(df["bench_time_taken_llm"].max()), 2)})
+          "tokenized_blocks": tokenized.num_blocks(),
+          # rows reach the postprocess only when their engine task ends: the spread of these stamps shows how
+          # much of the output streamed out before the end
+          "postprocess_stamps_first_last_s": [round(float(df["bench_t_post"].min()) - first_req, 2),
+                                             round(last_post - first_req, 2)],
+          "last_arrival_s": round(float(df["bench_arrival"].max()) - first_req, 2),
+          "batch_size": cfg.engine.batch_size, "engine_kwargs": cfg.engine.engine_kwargs})
     ray.shutdown()
 
 
@@ -241,9 +261,12 @@ def run(name: str, worker: str, args, logs: Path, extra_env: dict | None = None,
         cmd.append("--chunked-prefill")
     load0 = loadavg()
     t0 = time.time()
-    rc, wall, _ = run_logged(cmd, logs / f"{name}.log", bench_env(**(extra_env or {})), args.timeout)
+    rc, wall, sampler = run_logged(cmd, logs / f"{name}.log", bench_env(**(extra_env or {})), args.timeout,
+                                   sample_memory=True)
     res = {"name": name, "rc": rc, "process_seconds": round(wall, 2), "load_before": load0, "load_after": loadavg(),
-           "started": datetime.datetime.fromtimestamp(t0).strftime("%H:%M:%S"), **_binding(logs / f"{name}.log")}
+           "started": datetime.datetime.fromtimestamp(t0).strftime("%H:%M:%S"), **_binding(logs / f"{name}.log"),
+           # CPU seconds per process over the whole run (start-up included): where the 2 cores went
+           "cpu_seconds_by_process": sampler.cpu_by_process()}
     r = result_marker_json(logs / f"{name}.log")
     if rc != 0 or r is None:
         res["error"] = f"exit {rc}; see {logs / (name + '.log')}"
@@ -262,12 +285,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--hf-batch-prompts", type=int, default=16, help="(a): prompts per generate call (x n seqs)")
-    ap.add_argument("--hf-threads", type=int, default=0,
-                    help="(a): torch threads (0 = torch's default, one per core); see docs/benchmarks.md")
-    ap.add_argument("--repeats", type=int, default=1, help="repeat the (b),(c) pair, interleaved")
-    ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--variants", action="store_true",
-                    help="also: bare vLLM with VLLM_CPU_NUM_OF_RESERVED_CPU=0 (2 OMP threads) and stage 1 with it")
+    ap.add_argument("--hf-threads", type=int, default=1,
+                    help="(a): torch threads; 1 is HF's fastest here (2 OMP threads on 2 shared cores ran 6x slower, "
+                         "see docs/benchmarks.md); 0 = torch's default (one per core)")
+    ap.add_argument("--plan", default="b,c,a",
+                    help="runs in order, comma-separated: a (HF), b (bare vLLM), c (stage 1), cf (stage 1 with the "
+                         "fix proposed in docs/benchmarks.md), br0 / cr0 (b / c with VLLM_CPU_NUM_OF_RESERVED_CPU=0, "
+                         "i.e. 2 OMP threads). E.g. b,c,cf,cf,c,b for an interleaved A/B")
     ap.add_argument("--chunked-prefill", action="store_true", help="leave vLLM's chunked prefill on (crashes)")
     ap.add_argument("--engine-kwargs", default="", help="extra engine kwargs, json, for (b) and (c)")
     ap.add_argument("--workdir", default="/tmp/bench_generate")
@@ -275,6 +299,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=1500, help="per run, seconds")
     ap.add_argument("--worker", choices=["hf", "vllm", "stage1"], help=argparse.SUPPRESS)
     ap.add_argument("--batch-size", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--stage1-fix", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     set_bench_env()
     if args.worker:
@@ -282,28 +307,35 @@ def main() -> None:
 
     logs = Path(args.workdir) / "logs"
     t_all = time.perf_counter()
-    print(f"[bench_generate] logs in {logs}; load {loadavg()}", flush=True)
-    runs = []
-    for i in range(args.repeats):
-        runs.append(run(f"b_vllm_{i}", "vllm", args, logs))
-        runs.append(run(f"c_stage1_{i}", "stage1", args, logs))
-        if i == 0 and not args.skip_hf:
-            runs.append(run("a_hf", "hf", args, logs))
-    if args.variants:
-        two = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-        runs.append(run("b_vllm_reserved0", "vllm", args, logs, extra_env=two))
-        runs.append(run("c_stage1_reserved0", "stage1", args, logs,
-                        extra_args=["--engine-kwargs", args.engine_kwargs or "{}"],
-                        extra_env=two))
+    print(f"[bench_generate] plan {args.plan}; logs in {logs}; load {loadavg()}", flush=True)
+    two = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    kinds = {  # plan token -> (run name prefix, worker, extra env, extra worker args)
+        "a": ("a_hf", "hf", None, []),
+        "b": ("b_vllm", "vllm", None, []),
+        "c": ("c_stage1", "stage1", None, []),
+        "cf": ("cf_stage1_fixed", "stage1", None, ["--stage1-fix"]),
+        "br0": ("br0_vllm_reserved0", "vllm", two, []),
+        "cr0": ("cr0_stage1_reserved0", "stage1", two, []),
+    }
+    runs, seen = [], {}
+    for tok in [t.strip() for t in args.plan.split(",") if t.strip()]:
+        if tok not in kinds:
+            raise SystemExit(f"--plan: unknown run '{tok}' (known: {', '.join(kinds)})")
+        prefix, worker, env, extra = kinds[tok]
+        k = seen[tok] = seen.get(tok, -1) + 1
+        runs.append(run(f"{prefix}_{k}", worker, args, logs, extra_env=env, extra_args=extra))
 
     def med(pattern):
         vals = [r["tokens_per_second"] for r in runs if re.fullmatch(pattern, r["name"]) and "error" not in r]
         return round(statistics.median(vals), 2) if vals else None
 
-    a, b, c = med(r"a_hf"), med(r"b_vllm_\d+"), med(r"c_stage1_\d+")
+    a, b, c = med(r"a_hf_\d+"), med(r"b_vllm_\d+"), med(r"c_stage1_\d+")
+    cf, br0, cr0 = med(r"cf_stage1_fixed_\d+"), med(r"br0_vllm_reserved0_\d+"), med(r"cr0_stage1_reserved0_\d+")
     ratio = lambda x, y: round(x / y, 3) if x is not None and y else None  # noqa: E731
-    summary = {"tokens_per_second": {"a_hf": a, "b_vllm": b, "c_stage1": c},
-               "ratio_c_over_a": ratio(c, a), "ratio_c_over_b": ratio(c, b)}
+    summary = {"tokens_per_second_median": {"a_hf": a, "b_vllm": b, "c_stage1": c, "cf_stage1_fixed": cf,
+                                            "br0_vllm_2_omp_threads": br0, "cr0_stage1_2_omp_threads": cr0},
+               "ratio_c_over_a": ratio(c, a), "ratio_c_over_b": ratio(c, b),
+               "ratio_cf_over_b": ratio(cf, b), "ratio_cf_over_c": ratio(cf, c), "ratio_cf_over_a": ratio(cf, a)}
     targets = {"ratio_c_over_a": 10.0, "ratio_c_over_b": 0.85}
     result = {
         "benchmark": "bench_generate", "date": datetime.date.today().isoformat(), "machine": machine(),
@@ -322,6 +354,9 @@ def main() -> None:
               f"reserved [{r['reserved_cpus']}]; load {r['load_before']}", flush=True)
     print(f"    (c)/(a) = {summary['ratio_c_over_a']}  (target >= 10)", flush=True)
     print(f"    (c)/(b) = {summary['ratio_c_over_b']}  (target >= 0.85)", flush=True)
+    if cf is not None:
+        print(f"    with the proposed fix: (cf)/(b) = {summary['ratio_cf_over_b']}, (cf)/(a) = "
+              f"{summary['ratio_cf_over_a']}, (cf)/(c) = {summary['ratio_cf_over_c']}", flush=True)
     save(result, Path(args.out) if args.out else REPO / "benchmarks/results" /
          f"generate-{datetime.date.today().isoformat()}.json")
 
