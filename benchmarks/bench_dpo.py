@@ -1,7 +1,7 @@
 """Stage 3 (DPO on Ray Train + the streaming reference actor pool) against TRL's DPOTrainer, in one run.
 
     .venv/bin/python benchmarks/bench_dpo.py                      # full size: 32 pairs, 5 runs, ~12 min here
-    .venv/bin/python benchmarks/bench_dpo.py --plan os,t,oc,osr,oc,os   # interleaved A/B of target (3) and its fix
+    .venv/bin/python benchmarks/bench_dpo.py --plan os,t,oc,os,oc,ofg,tfg   # repeats + gradient checkpointing
     .venv/bin/python benchmarks/bench_dpo.py --pairs 4 --plan os,t,oc   # smoke test of the harness (~5 min)
 
 Same model (models/smollm2-135m-instruct, bf16), same pairs (ACLSum-derived, the recipe of
@@ -21,9 +21,7 @@ TRL runs in a subprocess of this script (`--worker trl`): epoch time from Traine
 peak RSS from resource.getrusage(RUSAGE_SELF).ru_maxrss.
 
 Runs are interleaved (`--plan`, default os,t,oc,of,tf: ours, TRL, ours-cached, ours full, TRL full) so a change in
-machine load hits both sides; the load average is recorded next to every run. `osr` runs stage 3 through
-benchmarks/_stage3_reblocked.py: the same script with the reference-pool input re-split into blocks, to measure the
-fix proposed in docs/benchmarks.md without editing common/.
+machine load hits both sides; the load average is recorded next to every run.
 """
 from __future__ import annotations
 
@@ -155,11 +153,13 @@ def trl_worker(args) -> None:
 
 # --------------------------------------------------------------------------------------------------- driver
 def run_ours(name: str, pairs: Path, out_dir: Path, epochs: int, full: bool, logs: Path, timeout: int,
-             script: str = "03_dpo_train/train.py") -> dict:
+             gradient_checkpointing: bool = False) -> dict:
     sets = [f"train_path={pairs}", f"output_dir={out_dir}", f"num_epochs={epochs}"]
     if full:
         sets += ["lora_config=null", f"learning_rate={FULL_LR}"]
-    cmd = [PY, str(REPO / script), "--config", str(CONFIG), "--force"]
+    if gradient_checkpointing:
+        sets += ["gradient_checkpointing=true"]
+    cmd = [PY, str(REPO / "03_dpo_train/train.py"), "--config", str(CONFIG), "--force"]
     for s in sets:
         cmd += ["--set", s]
     load0 = loadavg()
@@ -227,8 +227,8 @@ def main() -> None:
     ap.add_argument("--plan", default="os,t,oc,of,tf",
                     help="runs in order, comma-separated: os = ours LoRA, streaming reference pool (cache miss); "
                          "t = TRL LoRA; oc = ours LoRA on the reference cache (hit); of / tf = ours / TRL full "
-                         "fine-tuning; tfg = tf with TRL's default gradient checkpointing; osr = os with the reference-pool input re-split into blocks (the fix proposed "
-                         "in docs/benchmarks.md). E.g. os,t,oc,osr,oc,os for an interleaved A/B of (3)")
+                         "fine-tuning; ofg / tfg = of / tf with gradient checkpointing (TRL's default). E.g. os,t,oc,os,oc "
+                         "for an interleaved A/B of (3)")
     ap.add_argument("--workdir", default="/tmp/bench_dpo")
     ap.add_argument("--out", default=None, help="results json (default benchmarks/results/dpo-<date>.json)")
     ap.add_argument("--timeout", type=int, default=1200, help="per run, seconds")
@@ -267,13 +267,13 @@ def main() -> None:
     trl_kw = dict(autocast=args.trl_autocast, threads=args.trl_threads)
     for tok in [t.strip() for t in args.plan.split(",") if t.strip()]:
         k = count[tok] = count.get(tok, -1) + 1
-        if tok in ("os", "osr", "of"):  # ours, streaming reference pool: fresh output dir, so a real cache miss
-            full = tok == "of"
-            name = {"os": "ours_lora_stream", "osr": "ours_lora_stream_reblocked", "of": "ours_full_stream"}[tok]
+        if tok in ("os", "of", "ofg"):  # ours, streaming reference pool: fresh output dir, so a real cache miss
+            full = tok != "os"
+            name = {"os": "ours_lora_stream", "of": "ours_full_stream", "ofg": "oursgc_full_stream"}[tok]
             fresh = work / f"{name}_{k}"
             shutil.rmtree(fresh, ignore_errors=True)
-            script = "benchmarks/_stage3_reblocked.py" if tok == "osr" else "03_dpo_train/train.py"
-            r = show(run_ours(f"{name}_{k}", pairs, fresh, args.epochs, full, logs, args.timeout, script=script))
+            r = show(run_ours(f"{name}_{k}", pairs, fresh, args.epochs, full, logs, args.timeout,
+                              gradient_checkpointing=tok == "ofg"))
             if not full and "error" not in r and not (cached_dir / "ref_logps").exists():
                 shutil.copytree(fresh / "ref_logps", cached_dir / "ref_logps")  # the cache "oc" runs will hit
         elif tok == "oc":  # ours on the reference cache a streaming run wrote (stage 3's rerun: cache hit)
@@ -288,7 +288,7 @@ def main() -> None:
             show(run_trl(f"trlgc_full_{k}", pairs, work, args.epochs, True, logs, args.timeout,
                          gradient_checkpointing=True, **trl_kw))
         else:
-            raise SystemExit(f"--plan: unknown run '{tok}' (known: os, t, oc, of, tf, tfg, osr)")
+            raise SystemExit(f"--plan: unknown run '{tok}' (known: os, t, oc, of, tf, ofg, tfg)")
 
     def med(vals):
         vals = [v for v in vals if v is not None]
@@ -296,7 +296,6 @@ def main() -> None:
 
     ok = [r for r in runs if "error" not in r]
     stream = [r for r in ok if re.fullmatch(r"ours_lora_stream_\d+", r["name"])]
-    reblocked = [r for r in ok if r["name"].startswith("ours_lora_stream_reblocked")]
     cached = [r for r in ok if r["name"].startswith("ours_lora_cached")]
     trl_lora = [r for r in ok if r["name"].startswith("trl_lora")]
     ours_full = next((r for r in ok if r["name"].startswith("ours_full_stream")), None)
@@ -304,7 +303,7 @@ def main() -> None:
     ep1 = lambda r: r["epochs"][0]["seconds"] if r.get("epochs") else None  # noqa: E731
     summary = {
         "epoch1_seconds": {"ours_stream": med(map(ep1, stream)), "ours_cached": med(map(ep1, cached)),
-                           "trl": med(map(ep1, trl_lora)), "ours_stream_reblocked": med(map(ep1, reblocked))},
+                           "trl": med(map(ep1, trl_lora))},
         "process_seconds": {"ours_stream": med(r["process_seconds"] for r in stream),
                             "ours_cached": med(r["process_seconds"] for r in cached),
                             "trl": med(r["process_seconds"] for r in trl_lora)},
@@ -315,10 +314,6 @@ def main() -> None:
                                                           summary["process_seconds"]["trl"])
     summary["ratio_3_overlap_stream_vs_cached"] = _ratio(summary["epoch1_seconds"]["ours_stream"],
                                                          summary["epoch1_seconds"]["ours_cached"])
-    summary["with_fix_ratio_1_epoch_reblocked_vs_trl_lora"] = _ratio(summary["epoch1_seconds"]["ours_stream_reblocked"],
-                                                                     summary["epoch1_seconds"]["trl"])
-    summary["with_fix_ratio_3_overlap_reblocked_vs_cached"] = _ratio(
-        summary["epoch1_seconds"]["ours_stream_reblocked"], summary["epoch1_seconds"]["ours_cached"])
     summary["ratio_3b_overlap_stage_seconds"] = _ratio(med(r["stage_seconds"] for r in stream),
                                                        med(r["stage_seconds"] for r in cached))
     if ours_full and trl_full:
@@ -328,11 +323,14 @@ def main() -> None:
         summary["ratio_2_full_ft_peak_rss_ours_vs_trl"] = _ratio(ours_full["trainer_peak_rss_mib"],
                                                                  trl_full["peak_rss_mib"])
         summary["ratio_1c_epoch_full_ft_ours_vs_trl"] = _ratio(ep1(ours_full), ep1(trl_full))
+    ours_gc = next((r for r in ok if r["name"].startswith("oursgc_full")), None)
     trl_gc = next((r for r in ok if r["name"].startswith("trlgc_full")), None)
-    if ours_full and trl_gc:
-        summary.setdefault("full_ft_peak_rss_mib", {})["trl_gradient_checkpointing"] = trl_gc["peak_rss_mib"]
-        summary["ratio_2b_full_ft_peak_rss_ours_vs_trl_gradient_checkpointing"] = _ratio(
-            ours_full["trainer_peak_rss_mib"], trl_gc["peak_rss_mib"])
+    if ours_gc and trl_gc:  # both with gradient checkpointing
+        summary["full_ft_gradient_checkpointing_peak_rss_mib"] = {"ours_trainer": ours_gc["trainer_peak_rss_mib"],
+                                                                  "trl": trl_gc["peak_rss_mib"]}
+        summary["ratio_2b_full_ft_peak_rss_ours_vs_trl_both_gradient_checkpointing"] = _ratio(
+            ours_gc["trainer_peak_rss_mib"], trl_gc["peak_rss_mib"])
+        summary["ratio_1d_epoch_full_ft_ours_vs_trl_both_gradient_checkpointing"] = _ratio(ep1(ours_gc), ep1(trl_gc))
     targets = {"ratio_1_epoch_ours_vs_trl_lora": 0.8, "ratio_2_full_ft_peak_rss_ours_vs_trl": 0.6,
                "ratio_3_overlap_stream_vs_cached": 1.1}
     result = {

@@ -231,6 +231,9 @@ class PairingConfig(Base):
     quality_threshold: float = 3.0  # on the judge's SCORE scale (quiz: correct answers; similarity: cosine)
     quality_margin: float = Field(default=0.0, ge=0)  # quality differences up to this are noise: no winner
     min_length_gap: int = Field(default=3, ge=0)  # words
+    # Both above the threshold: the shorter wins only if it scores at most this much lower; past it the more
+    # faithful wins. None = Anyscale's rule (the shorter wins whatever its score).
+    max_score_drop: Optional[float] = Field(default=None, ge=0)
     max_pairs_per_prompt: int = Field(default=3, gt=0)
 
 
@@ -303,6 +306,8 @@ class DPOStageConfig(StageBase):
     max_grad_norm: float = Field(default=1.0, gt=0)
     train_batch_size_per_device: int = Field(default=4, gt=0)  # pairs per step per worker
     gradient_accumulation_steps: int = Field(default=1, gt=0)
+    disable_dropout: bool = True  # TRL's default: no dropout in the policy (LoRA dropout included)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~20-30% slower steps
     padding: Literal["longest"] = "longest"  # LLMForge key; we always pad to the longest in the batch
     lora_config: Optional[LoraConfig] = LoraConfig()  # null = full fine-tuning
     preference_tuning_config: PreferenceTuningConfig = PreferenceTuningConfig()

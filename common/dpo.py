@@ -80,8 +80,10 @@ def tokenize_pairs(pairs: list[dict], cfg: DPOStageConfig, tokenizer_path: str, 
     import ray
 
     blocks = max(1, min(len(pairs), cfg.num_devices * cfg.num_data_blocks_per_device))
+    # batch_size=None: one batch per block. A row count here would bundle small blocks into one, and the reference
+    # pool would then get the epoch as a single block: the trainer's first batch would wait for the whole pass.
     ds = ray.data.from_items(pairs, override_num_blocks=blocks).map_batches(
-        _tokenize_batch, batch_size=64, num_cpus=0.25,
+        _tokenize_batch, batch_size=None, num_cpus=0.25,
         fn_kwargs=dict(tokenizer_path=tokenizer_path, max_length=cfg.context_length,
                        max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation),
     ).materialize()

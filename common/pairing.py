@@ -41,6 +41,9 @@ def decide(a_score: float, a_words: int, b_score: float, b_words: int, cfg: Pair
         return 0, QUALITY
     gap = b_words - a_words  # > 0: a is shorter
     if abs(gap) >= max(cfg.min_length_gap, 1):
+        shorter_drop = (b_score - a_score) if gap > 0 else (a_score - b_score)
+        if cfg.max_score_drop is not None and shorter_drop > cfg.max_score_drop:
+            return (-1 if gap > 0 else 1), QUALITY  # shorter, but it lost too much: the more faithful wins
         return (1 if gap > 0 else -1), LENGTH
     return 0, LENGTH
 

@@ -34,6 +34,8 @@ def _build_model(cfg, dtype):
 
     model = AutoModelForCausalLM.from_pretrained(cfg.model_id, dtype=dtype)
     model.config.use_cache = False
+    if cfg.gradient_checkpointing:  # non-reentrant: works with frozen embeddings (LoRA) and DDP alike
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_config is not None:
         from peft import LoraConfig, get_peft_model
 
@@ -41,7 +43,11 @@ def _build_model(cfg, dtype):
         model = get_peft_model(model, LoraConfig(
             r=lc.r, lora_alpha=lc.lora_alpha, lora_dropout=lc.lora_dropout, target_modules=lc.target_modules,
             task_type=lc.task_type, bias=lc.bias, modules_to_save=lc.modules_to_save or None))
-    return model
+    if cfg.disable_dropout:  # as TRL: dropout would make policy and reference disagree on the same pair
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    return model.train()  # from_pretrained returns eval mode, where gradient checkpointing is off
 
 
 def _lr_lambda(kind: str, warmup: int, total: int):

@@ -8,14 +8,14 @@ import pytest
 from pydantic import ValidationError
 
 from common import schema as S
-from common.config import REPO, JudgeConfig, LLMJudgeConfig, PairingConfig, QuizConfig, RubricConfig
+from common.config import REPO, JudgeConfig, LLMJudgeConfig, QuizConfig, RubricConfig, load_config
 from common.judges import build_judge, error_counts, parse_details
 from common.judges.llm import extract_json, read_choice
 from common.judges.quiz import grade, parse_answers, parse_questions, questions_schema
 from common.judges.rubric import combine_orders, parse_rating, parse_verdict, win_shares
 from common.pairing import compare
 
-QS = PairingConfig(quality_threshold=0.6, quality_margin=0.05, min_length_gap=3)  # configs/quickstart/02_judge.yaml
+QS = load_config("02_judge", str(REPO / "configs/quickstart/02_judge.yaml"), []).pairing  # the quickstart's rule
 OPTS = ["alpha", "beta", "gamma", "delta", "epsilon"]
 
 

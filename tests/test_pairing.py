@@ -56,6 +56,15 @@ def test_both_faithful_shorter_wins_by_gap():
     assert decide(0.6, 20, 0.6, 30, QS) == (1, LENGTH)  # exactly at the threshold counts as faithful
 
 
+def test_max_score_drop_keeps_the_shorter_from_winning_on_lost_faithfulness():
+    drop = QS.model_copy(update={"max_score_drop": 0.02})
+    assert decide(0.80, 30, 0.85, 40, QS) == (1, LENGTH)  # Anyscale's rule: shorter wins, whatever it lost
+    assert decide(0.80, 30, 0.85, 40, drop) == (-1, QUALITY)  # lost 0.05 > 0.02: the more faithful wins
+    assert decide(0.84, 30, 0.85, 40, drop) == (1, LENGTH)  # lost 0.01: still the shorter
+    assert decide(0.90, 30, 0.85, 40, drop) == (1, LENGTH)  # shorter and more faithful
+    assert compare(0.85, 40, 0.80, 30, drop) == 1  # symmetric
+
+
 def test_zero_gap_means_strictly_shorter():
     cfg = QS.model_copy(update={"min_length_gap": 0})
     assert decide(0.7, 39, 0.7, 40, cfg) == (1, LENGTH)

@@ -31,3 +31,18 @@ def test_vllm_backend_agrees_with_transformers(batch, model_path):
         # Summed over 20-90 response tokens: float32 kernels differ in the last digits, nothing more.
         assert diff.max() < 0.05, (col, hf[col], vl[col])
     assert list(hf["chosen_num_tokens"]) == list(vl["chosen_num_tokens"])
+
+
+def test_tokenised_pairs_reach_the_reference_pool_in_many_blocks(ray_local, model_path):
+    """The pool's input keeps num_devices x num_data_blocks_per_device blocks. Tokenising bundled small blocks into
+    one once, and the trainer's first batch then waited for the reference pass over the whole epoch."""
+    from common.config import DPOStageConfig
+    from common.dpo import tokenize_pairs
+
+    rows = [json.loads(line) for line in open(REPO / "data/aclsum/test.jsonl")][:12]
+    pairs = [{S.PAIR_ID: r["id"], S.PROMPT: [{"role": "user", "content": "Summarize.\n\n" + r["abstract"]}],
+              S.CHOSEN: [{"role": "assistant", "content": r["summary"].split(". ")[0]}],
+              S.REJECTED: [{"role": "assistant", "content": r["summary"]}]} for r in rows]
+    kept, drops = tokenize_pairs(pairs, DPOStageConfig(num_data_blocks_per_device=6), model_path, "test")
+    assert not drops and kept.count() == 12
+    assert kept.num_blocks() == 6

@@ -79,3 +79,87 @@ def test_train_worker_killed_mid_run_resumes_from_the_last_checkpoint(tmp_path):
     assert len({r["trainer_pid"] for r in rows}) == 2  # the killed worker and its replacement
     # resumed from the step-2 checkpoint, not from scratch: step 1 ran once, steps 3.. possibly twice
     assert [r["step"] for r in rows].count(1) == 1
+
+
+# ------------------------------------------------- stages 2, 3 and 4 SIGKILLed part-way, then rerun
+def actor_running(proc: subprocess.Popen, name: str, seconds: float):
+    """Ready to kill `seconds` after a Ray worker process of the stage's own session shows `name` in its title
+    (Ray titles an actor's process after its class): the stage is then mid-work, before it writes anything."""
+    since = []
+
+    def alive() -> bool:
+        for d in Path("/proc").glob("[0-9]*"):
+            try:
+                sid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[3])
+                if sid == proc.pid and name in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    return True
+            except (OSError, IndexError, ValueError):
+                continue
+        return False
+
+    def ready():
+        if not since and alive():
+            since.append(time.time())
+        return bool(since) and time.time() - since[0] >= seconds
+    return ready
+
+
+def test_judge_killed_part_way_and_rerun_scores_every_candidate_once(tmp_path):
+    gen = run_stage("01_generate/generate.py", GEN_CONFIG, f"output_dir={tmp_path}", "data.limit=4", "sampling.n=3",
+                    "sampling.max_tokens=48")
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    config = REPO / "configs/quickstart/02_judge.yaml"
+    proc = start("02_judge/judge.py", config, f"output_dir={tmp_path}")
+    kill_when(proc, actor_running(proc, "_Embedder", 2))  # the judge's actor: mid-judging
+    assert not (tmp_path / "02_judge").exists()
+    rerun = run_stage("02_judge/judge.py", config, f"output_dir={tmp_path}")
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    scored = pd.read_parquet(tmp_path / "02_judge" / "candidates.parquet")
+    assert len(scored) == 12 and not scored.duplicated(["prompt_id", "candidate_index"]).any()
+    pairs = pd.read_parquet(tmp_path / "02_judge" / "data")
+    manifest = json.loads((tmp_path / "02_judge" / "manifest.json").read_text())
+    assert len(pairs) == manifest["rows"]["pairs"] and pairs["pair_id"].is_unique
+    assert not (tmp_path / ".02_judge.partial").exists()
+
+
+def test_train_driver_killed_mid_run_rerun_resumes_from_its_checkpoint(tmp_path):
+    """The whole stage (driver, Ray, workers) dies; the same command again continues from the last checkpoint in
+    `.03_dpo_train.work/` instead of starting over, and trains on every pair of the epoch exactly once."""
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 8)
+    sets = [f"train_path={pairs}", f"output_dir={tmp_path}", "num_epochs=1", "train_batch_size_per_device=1",
+            "checkpoint_every_n_steps=2"]
+    metrics = tmp_path / ".03_dpo_train.work" / "metrics.jsonl"
+
+    def after_step_3():
+        rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()] if metrics.exists() else []
+        return bool(rows) and rows[-1]["step"] >= 3
+
+    proc = start("03_dpo_train/train.py", DPO_CONFIG, *sets)
+    kill_when(proc, after_step_3, timeout=900)
+    assert not (tmp_path / "03_dpo_train").exists()
+    rerun = run_stage("03_dpo_train/train.py", DPO_CONFIG, *sets)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed from checkpoint" in rerun.stdout + rerun.stderr
+    rows = [json.loads(line) for line in open(tmp_path / "03_dpo_train" / "metrics.jsonl")]
+    m = json.loads((tmp_path / "03_dpo_train" / "manifest.json").read_text())
+    assert m["stats"]["steps"] == 8 and {r["step"] for r in rows} == set(range(1, 9))
+    assert [r["step"] for r in rows].count(1) == 1  # steps 1-2 were not trained again
+    assert len({r["trainer_pid"] for r in rows}) == 2  # the first run's worker and the rerun's
+
+
+def test_evaluate_killed_part_way_and_rerun_judges_every_prompt_once(tmp_path, model_path):
+    from test_evaluate_stage import fake_dpo_stage, fake_generate_stage, fake_judge_stage
+
+    fake_judge_stage(tmp_path, fake_generate_stage(tmp_path, "Summarize: {text}"))
+    fake_dpo_stage(tmp_path, model_path)
+    config = REPO / "configs/quickstart/04_evaluate.yaml"
+    sets = [f"output_dir={tmp_path}", "data.limit=3", "sampling.max_tokens=32", "bootstrap_samples=100"]
+    proc = start("04_evaluate/evaluate.py", config, *sets)
+    kill_when(proc, actor_running(proc, "vLLMEngineStageUDF", 15))  # the first model's engine: mid-generation
+    assert not (tmp_path / "04_evaluate").exists()
+    rerun = run_stage("04_evaluate/evaluate.py", config, *sets)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    metrics = json.loads((tmp_path / "04_evaluate" / "metrics.json").read_text())
+    judged = pd.read_parquet(tmp_path / "04_evaluate" / "data")
+    assert len(judged) == 3 * 2 and not judged.duplicated(["prompt_id", "model"]).any(), judged.columns.tolist()
+    assert metrics["win_rate"]  # the head-to-head was computed on the rerun
