@@ -307,7 +307,7 @@ class DPOStageConfig(StageBase):
     train_batch_size_per_device: int = Field(default=4, gt=0)  # pairs per step per worker
     gradient_accumulation_steps: int = Field(default=1, gt=0)
     disable_dropout: bool = True  # TRL's default: no dropout in the policy (LoRA dropout included)
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~20-30% slower steps
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, one more forward a step
     padding: Literal["longest"] = "longest"  # LLMForge key; we always pad to the longest in the batch
     lora_config: Optional[LoraConfig] = LoraConfig()  # null = full fine-tuning
     preference_tuning_config: PreferenceTuningConfig = PreferenceTuningConfig()
