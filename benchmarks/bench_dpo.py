@@ -154,7 +154,9 @@ def trl_worker(args) -> None:
 # --------------------------------------------------------------------------------------------------- driver
 def run_ours(name: str, pairs: Path, out_dir: Path, epochs: int, full: bool, logs: Path, timeout: int,
              gradient_checkpointing: bool = False) -> dict:
-    sets = [f"train_path={pairs}", f"output_dir={out_dir}", f"num_epochs={epochs}"]
+    # One trainer thread throughout, like TRL here: the quickstart's second thread after the reference pass would
+    # make the comparison one of core counts (and the cached run would get it from step 1).
+    sets = [f"train_path={pairs}", f"output_dir={out_dir}", f"num_epochs={epochs}", "cpu_threads_after_reference=null"]
     if full:
         sets += ["lora_config=null", f"learning_rate={FULL_LR}"]
     if gradient_checkpointing:

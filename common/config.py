@@ -83,6 +83,7 @@ class EngineConfig(Base):
     accelerator_type: Optional[str] = None  # e.g. A10G; None = CPU (the default here)
     num_cpus: float = Field(default=1.0, gt=0)  # CPU bundle per replica when accelerator_type is None
     kv_cache_gib: int = Field(default=1, gt=0)  # CPU only: VLLM_CPU_KVCACHE_SPACE
+    cpu_reserved_cores: Optional[int] = Field(default=None, ge=0)  # CPU only: VLLM_CPU_NUM_OF_RESERVED_CPU
     max_num_seqs: int = Field(default=128, gt=0)  # sequences decoded together; higher -> more KV memory
     engine_kwargs: dict[str, Any] = {}  # passed to vLLM as is
 
@@ -295,6 +296,7 @@ class DPOStageConfig(StageBase):
     num_devices: int = Field(default=1, gt=0)  # training workers
     worker_resources: dict[str, float] = {"accelerator_type:A100": 0.001}  # custom resources per worker
     num_cpus_per_worker: float = Field(default=1.0, gt=0)
+    cpu_threads_after_reference: Optional[int] = Field(default=None, gt=0)  # CPU: trainer threads once the pool is done
     use_gpu: bool = False
     strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp shards the policy for models that do not fit one GPU
     deepspeed: Optional[dict[str, Any]] = None  # LLMForge key: accepted, mapped to strategy=fsdp

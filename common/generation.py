@@ -67,6 +67,13 @@ def _expand(row: dict[str, Any], n: int, seed: int) -> list[dict[str, Any]]:
     return [dict(row, **{S.CANDIDATE: k}) for k in range(n)]
 
 
+def _cpu_env(engine: EngineConfig) -> dict[str, str]:
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib)}
+    if engine.cpu_reserved_cores is not None:  # vLLM keeps 1 core for its engine loop unless told otherwise
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(engine.cpu_reserved_cores)
+    return env
+
+
 def build_engine(model: ModelConfig, engine: EngineConfig, preprocess: Callable, postprocess: Callable):
     """A ray.data.llm processor over our own tokenised prompts (its chat-template/tokenize stages are off: one
     tokenisation, ours, with skips counted)."""
@@ -90,7 +97,7 @@ def build_engine(model: ModelConfig, engine: EngineConfig, preprocess: Callable,
         accelerator_type=engine.accelerator_type,
         # On CPU, vLLM must be told its bundle is a CPU, or it waits forever for a GPU.
         placement_group_config={"bundles": [{"CPU": engine.num_cpus}]} if on_cpu else None,
-        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib)}} if on_cpu else None,
+        runtime_env={"env_vars": _cpu_env(engine)} if on_cpu else None,
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
     )
     return build_processor(cfg, preprocess=preprocess, postprocess=postprocess,

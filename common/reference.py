@@ -59,17 +59,19 @@ class ReferenceLogProbProcessor:
         if torch.cuda.is_available():
             self.model.to("cuda")
         self.pad_id = self.model.config.pad_token_id or 0
+        from common.dpo_loss import supports_logits_to_keep
+
+        self.window = supports_logits_to_keep(self.model)
         _record_provenance(provenance_dir)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from common.dpo_loss import sequence_logps
+        from common.dpo_loss import model_logps
         from common.tokenize import collate_pairs
 
         ids, attn, mask = collate_pairs(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], self.pad_id)
         dev = self.model.device
         with self.torch.inference_mode():
-            logits = self.model(ids.to(dev), attention_mask=attn.to(dev)).logits
-            logps, ntok = sequence_logps(logits, ids.to(dev), mask.to(dev))
+            logps, ntok, _, _ = model_logps(self.model, ids.to(dev), attn.to(dev), mask.to(dev), self.window)
         b = len(batch["prompt_ids"])
         logps, ntok = logps.float().cpu().numpy(), ntok.cpu().numpy()
         return _out(batch, logps[:b], logps[b:], ntok[:b], ntok[b:])

@@ -2,7 +2,7 @@
 arrive with every batch from the reference actor pool (common.reference), through `get_dataset_shard`.
 
 Per step: concatenated forward of prompt+chosen and prompt+rejected (one batch of 2B rows), summed response
-log-probs (common.dpo_loss.sequence_logps, the same function the reference actors use), the DPO loss, backward,
+log-probs (common.dpo_loss.model_logps, the same function the reference actors use), the DPO loss, backward,
 clip, step. Epoch 1 streams from the reference pool; the worker keeps its shard's rows, so later epochs reuse the
 reference log-probs instead of recomputing them. Checkpoints hold the adapter (or full weights), the optimizer and
 the position; after a worker failure Ray Train restarts the group from the latest one.
@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import random
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 
 from common import schema as S
-from common.dpo_loss import dpo_loss, dpo_metrics, sequence_logps
+from common.dpo_loss import dpo_loss, dpo_metrics, model_logps, supports_logits_to_keep
 from common.reference import REF_PID
 from common.tokenize import collate_pairs
 
@@ -48,6 +50,31 @@ def _build_model(cfg, dtype):
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
     return model.train()  # from_pretrained returns eval mode, where gradient checkpointing is off
+
+
+def _drained(shard, bs: int, ref_done: threading.Event):
+    """The shard's rows, one by one, while a thread pulls the whole stream ahead of training. The reference pool then
+    never waits for the trainer, and `ref_done` is set the moment the reference pass is over: from then on its
+    cores are idle, and the trainer may take them (`cpu_threads_after_reference`)."""
+    rows: queue.Queue = queue.Queue()
+    end = object()
+
+    def pull():
+        try:
+            for b in shard.iter_batches(batch_size=bs, batch_format="numpy", prefetch_batches=2):
+                for i in range(len(b[S.PAIR_ID])):
+                    rows.put({k: b[k][i] for k in BATCH_COLUMNS})
+        except BaseException as e:  # re-raised in the training thread, where Ray Train handles it
+            rows.put(e)
+        finally:
+            ref_done.set()
+            rows.put(end)
+
+    threading.Thread(target=pull, name="reference-drain", daemon=True).start()
+    while (row := rows.get()) is not end:
+        if isinstance(row, BaseException):
+            raise row
+        yield row
 
 
 def _lr_lambda(kind: str, warmup: int, total: int):
@@ -109,7 +136,9 @@ def train_loop_per_worker(config: dict) -> None:
     metrics_path = Path(config["metrics_file"])
     ref_cache_dir = Path(config["ref_cache_tmp"]) if config.get("ref_cache_tmp") else None
 
-    model = ray.train.torch.prepare_model(_build_model(cfg, dtype), parallel_strategy=cfg.strategy)
+    model = _build_model(cfg, dtype)
+    window = supports_logits_to_keep(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    model = ray.train.torch.prepare_model(model, parallel_strategy=cfg.strategy)
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -130,6 +159,7 @@ def train_loop_per_worker(config: dict) -> None:
                   f"step {state['global_step']}", flush=True)
 
     shard = ray.train.get_dataset_shard("train")
+    ref_done = threading.Event()  # set once this worker has received every reference log-prob it will need
     kept_rows: list[dict] | None = None  # this worker's rows of a complete first pass, reused by later epochs
 
     def epoch_batches(epoch: int, skip: set[str]):
@@ -139,6 +169,8 @@ def train_loop_per_worker(config: dict) -> None:
             rows = list(kept_rows)
             random.Random(cfg.seed * 1000 + epoch).shuffle(rows)
             source = iter([rows])
+        elif cfg.cpu_threads_after_reference:
+            source = ([r] for r in _drained(shard, bs, ref_done))
         else:
             source = ({k: b[k][i] for k in BATCH_COLUMNS} for b in shard.iter_batches(
                 batch_size=bs, batch_format="numpy", prefetch_batches=2) for i in range(len(b[S.PAIR_ID])))
@@ -165,6 +197,9 @@ def train_loop_per_worker(config: dict) -> None:
         it = iter(epoch_batches(epoch, set(done)))
         micro = 0
         while True:
+            after = cfg.cpu_threads_after_reference
+            if after and (ref_done.is_set() or not streamed) and torch.get_num_threads() != after:
+                torch.set_num_threads(after)  # the reference pool is done: its cores are free
             t_wait = time.time()
             rows = next(it, None)
             window["ref_wait"] += time.time() - t_wait  # time blocked on the reference pool
@@ -178,8 +213,7 @@ def train_loop_per_worker(config: dict) -> None:
             ids, attn, mask = collate_pairs(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], pad_id)
             ids, attn, mask = ids.to(device), attn.to(device), mask.to(device)
             b = len(batch["prompt_ids"])
-            logits = model(ids, attention_mask=attn).logits
-            logps, ntok = sequence_logps(logits, ids, mask)
+            logps, ntok, logits, mask = model_logps(model, ids, attn, mask, window)
             ref_c = torch.as_tensor(np.asarray(batch[S.REF_CHOSEN_LOGPS], dtype=np.float32), device=device)
             ref_r = torch.as_tensor(np.asarray(batch[S.REF_REJECTED_LOGPS], dtype=np.float32), device=device)
             losses, r_c, r_r = dpo_loss(logps[:b], logps[b:], ref_c, ref_r, beta=ptc.beta, loss_type=ptc.loss_type,
@@ -226,7 +260,8 @@ def train_loop_per_worker(config: dict) -> None:
                 m.update({"step": state["global_step"], "epoch": epoch + 1, "lr": scheduler.get_last_lr()[0],
                           "tokens_per_second_per_worker": window["tokens"] / dt,
                           "ref_wait_seconds": window["ref_wait"], "step_seconds": dt / cfg.logging_steps,
-                          "trainer_pid": os.getpid(), "ref_pids": sorted(ref_pids)})
+                          "trainer_pid": os.getpid(), "ref_pids": sorted(ref_pids),
+                          "torch_threads": torch.get_num_threads()})
                 if "step0_max_abs_logp_diff" in window:
                     m["step0_max_abs_logp_diff"] = window.pop("step0_max_abs_logp_diff")
                 if rank == 0:

@@ -60,6 +60,13 @@ def test_overfitting_a_fixed_batch_lowers_loss_and_raises_accuracy(trained):
     assert rows[-1]["rewards/margins"] > 0
 
 
+def test_trainer_takes_the_reference_core_once_the_pass_is_over(trained):
+    """The quickstart's `cpu_threads_after_reference: 2`: step 1 trains beside the reference actor on one thread;
+    epochs 2-4 reuse the first epoch's reference log-probs, so no pool runs and the trainer takes both cores."""
+    rows = [json.loads(line) for line in open(trained[0] / "03_dpo_train" / "metrics.jsonl")]
+    assert [r["torch_threads"] for r in rows] == [1, 2, 2, 2]
+
+
 def test_reference_ran_in_its_own_actor_with_the_requested_resources(trained):
     m = manifest(trained[0])["stats"]
     actors, trainers = m["reference_actors"], m["trainer_pids"]

@@ -33,6 +33,31 @@ def test_vllm_backend_agrees_with_transformers(batch, model_path):
     assert list(hf["chosen_num_tokens"]) == list(vl["chosen_num_tokens"])
 
 
+def test_lm_head_window_scores_the_same_as_the_full_forward(batch, model_path):
+    """`model_logps` runs the LM head on the response window only (`logits_to_keep`); the trainer and the reference
+    actor both use it. Prompts of different lengths, right padding: the window must still hold every response token,
+    and the log-probs must equal those of the full forward."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from common.dpo_loss import model_logps, sequence_logps, supports_logits_to_keep
+    from common.tokenize import collate_pairs
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    assert supports_logits_to_keep(model)
+    ids, attn, mask = collate_pairs(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], 2)
+    assert len({len(p) for p in batch["prompt_ids"]}) > 1  # the window is set by the shortest prompt
+    with torch.inference_mode():
+        full, n_full = sequence_logps(model(ids, attention_mask=attn).logits, ids, mask)
+        cut, n_cut, logits, cut_mask = model_logps(model, ids, attn, mask)
+        off, _, off_logits, _ = model_logps(model, ids, attn, mask, window=False)
+    assert logits.shape[1] < ids.shape[1] and off_logits.shape[1] == ids.shape[1]
+    assert cut_mask.shape == logits.shape[:2] and int(cut_mask.sum()) == int(mask.sum())
+    assert torch.equal(n_cut, n_full)
+    torch.testing.assert_close(cut, full, rtol=0, atol=1e-3)
+    torch.testing.assert_close(off, full, rtol=0, atol=0)
+
+
 def test_tokenised_pairs_reach_the_reference_pool_in_many_blocks(ray_local, model_path):
     """The pool's input keeps num_devices x num_data_blocks_per_device blocks. Tokenising bundled small blocks into
     one once, and the trainer's first batch then waited for the reference pass over the whole epoch."""
