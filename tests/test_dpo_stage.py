@@ -41,7 +41,8 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dpo")
     pairs = write_pairs(tmp / "pairs.jsonl", 4)
     proc = run_stage(SCRIPT, CONFIG, f"train_path={pairs}", f"output_dir={tmp}", "num_epochs=4",
-                     "learning_rate=1e-3", "warmup_steps=0", "lr_scheduler_type=constant")
+                     "learning_rate=1e-3", "warmup_steps=0", "lr_scheduler_type=constant",
+                     "train_batch_size_per_device=4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp, pairs, proc
 
@@ -109,7 +110,7 @@ def test_checkpoint_loads_in_vllm(trained):
 def test_rerun_reuses_output_then_the_reference_cache(trained):
     tmp, pairs, _ = trained
     sets = [f"train_path={pairs}", f"output_dir={tmp}", "num_epochs=4", "learning_rate=1e-3", "warmup_steps=0",
-            "lr_scheduler_type=constant"]
+            "lr_scheduler_type=constant", "train_batch_size_per_device=4"]
     again = run_stage(SCRIPT, CONFIG, *sets)
     assert again.returncode == 0 and "reusing the complete output" in again.stdout
     forced = run_stage(SCRIPT, CONFIG, *sets[:2], "num_epochs=1", force=True)
