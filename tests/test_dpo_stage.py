@@ -113,7 +113,7 @@ def test_rerun_reuses_output_then_the_reference_cache(trained):
             "lr_scheduler_type=constant", "train_batch_size_per_device=4"]
     again = run_stage(SCRIPT, CONFIG, *sets)
     assert again.returncode == 0 and "reusing the complete output" in again.stdout
-    forced = run_stage(SCRIPT, CONFIG, *sets[:2], "num_epochs=1", force=True)
+    forced = run_stage(SCRIPT, CONFIG, *sets[:2], "num_epochs=1", "train_batch_size_per_device=4", force=True)
     assert forced.returncode == 0, forced.stderr[-3000:]
     m = manifest(tmp)["stats"]
     assert m["reference_cache"] == "hit" and m["reference_actors"] == []  # no reference pool at all

@@ -63,8 +63,12 @@ def test_vllm_computes_on_every_core_when_none_is_reserved(first):
     import os
     import re
 
-    log = first[2].stdout + first[2].stderr
-    threads = {int(n) for n in re.findall(r"OMP_NUM_THREADS=(\d+) is set", log)}  # vLLM's own log line
+    out = first[2].stdout + first[2].stderr
+    # vLLM's own log line, in its Ray worker's log file (the driver may exit before Ray forwards it).
+    session = re.search(r"Full logs are in (\S+?)/logs/ray-data", out)
+    assert session, "the stage did not print its Ray session folder"
+    logs = "".join(f.read_text(errors="replace") for f in Path(session.group(1), "logs").glob("worker-*"))
+    threads = {int(n) for n in re.findall(r"OMP_NUM_THREADS=(\d+) is set", out + logs)}
     assert threads == {len(os.sched_getaffinity(0))}, threads
 
 
