@@ -137,7 +137,7 @@ def train_loop_per_worker(config: dict) -> None:
     ref_cache_dir = Path(config["ref_cache_tmp"]) if config.get("ref_cache_tmp") else None
 
     model = _build_model(cfg, dtype)
-    window = supports_logits_to_keep(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    head_window = supports_logits_to_keep(model.get_base_model() if hasattr(model, "get_base_model") else model)
     model = ray.train.torch.prepare_model(model, parallel_strategy=cfg.strategy)
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -213,7 +213,7 @@ def train_loop_per_worker(config: dict) -> None:
             ids, attn, mask = collate_pairs(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], pad_id)
             ids, attn, mask = ids.to(device), attn.to(device), mask.to(device)
             b = len(batch["prompt_ids"])
-            logps, ntok, logits, mask = model_logps(model, ids, attn, mask, window)
+            logps, ntok, logits, mask = model_logps(model, ids, attn, mask, head_window)
             ref_c = torch.as_tensor(np.asarray(batch[S.REF_CHOSEN_LOGPS], dtype=np.float32), device=device)
             ref_r = torch.as_tensor(np.asarray(batch[S.REF_REJECTED_LOGPS], dtype=np.float32), device=device)
             losses, r_c, r_r = dpo_loss(logps[:b], logps[b:], ref_c, ref_r, beta=ptc.beta, loss_type=ptc.loss_type,
