@@ -15,9 +15,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import schema as S  # noqa: E402
-from common.data import load_prompts  # noqa: E402
+from common.data import load_prompts, num_blocks  # noqa: E402
 from common.errors import UserError, cli  # noqa: E402
-from common.generation import SKIP, engine_asks, generate, tokenize_prompts  # noqa: E402
+from common.generation import engine_asks, generate, tokenize_prompts  # noqa: E402
 from common.config import require_model, resolve  # noqa: E402
 from common.io import StageOutput, fingerprint  # noqa: E402
 from common.ray_setup import Ask, check_fits, init_ray, print_plan  # noqa: E402
@@ -46,10 +46,10 @@ def main() -> None:
 
     t0 = time.time()
     # Block count set at read time: an all-to-all repartition() would want a whole free CPU and can hang on 2 cores.
-    blocks = max(1, min(len(prompts), 4 * cfg.engine.concurrency))
+    blocks = num_blocks(len(prompts), cfg.engine.concurrency)
     tokenized = tokenize_prompts(ray.data.from_items(prompts, override_num_blocks=blocks), cfg.model,
                                  cfg.sampling.max_tokens).materialize()  # small, and read twice below
-    skipped = tokenized.filter(lambda r: bool(r[SKIP])).select_columns([S.PROMPT_ID, SKIP]).take_all()
+    skipped = tokenized.filter(lambda r: bool(r[S.SKIP])).select_columns([S.PROMPT_ID, S.SKIP]).take_all()
     if len(skipped) == len(prompts):
         raise UserError(f"{args.config}: all {len(prompts)} prompts are longer than model.max_model_len - "
                         f"sampling.max_tokens; raise model.max_model_len or shorten the prompts")
@@ -64,7 +64,7 @@ def main() -> None:
     truncated = written.filter(lambda r: r[S.FINISH_REASON] == "length").count()
     stats = {
         "prompts": len(prompts), "prompts_skipped": len(skipped),
-        "skipped": [{S.PROMPT_ID: r[S.PROMPT_ID], "reason": r[SKIP]} for r in skipped],
+        "skipped": [{S.PROMPT_ID: r[S.PROMPT_ID], "reason": r[S.SKIP]} for r in skipped],
         "candidates": n_rows, "generated_tokens": tokens, "hit_max_tokens": truncated,
         "tokens_per_second": round(tokens / seconds, 1), "generate_seconds": round(seconds, 1),
     }

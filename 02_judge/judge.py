@@ -22,8 +22,9 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import schema as S  # noqa: E402
+from common.data import num_blocks  # noqa: E402
 from common.errors import UserError, cli  # noqa: E402
-from common.filters import FILTER_REASON, filter_reasons  # noqa: E402
+from common.filters import filter_reasons  # noqa: E402
 from common.io import StageOutput, read_manifest  # noqa: E402
 from common.judges import build_judge, error_counts, num_words, parse_details, score_range  # noqa: E402
 from common.pairing import check_threshold, make_pairs, pairable, summarize  # noqa: E402
@@ -68,7 +69,7 @@ def main() -> None:
     t0 = time.time()
     # Block count set here, not by repartition(): an all-to-all repartition wants a whole free CPU and can hang on
     # 2 cores. Contiguous slices keep a prompt's candidates together (its source is embedded once per batch).
-    blocks = max(1, min(kept.num_rows, 4 * max(a.count for a in asks)))
+    blocks = num_blocks(kept.num_rows, max(a.count for a in asks))
     size = -(-kept.num_rows // blocks)
     candidates = ray.data.from_arrow([kept.slice(i, size) for i in range(0, kept.num_rows, size)])
     scored = judge.score(candidates).to_pandas()  # one row per candidate: small enough for the driver
@@ -87,9 +88,9 @@ def main() -> None:
     out.begin()
     ray.data.from_items(pairs, override_num_blocks=1).write_parquet(str(out.data))
     removed = table.filter(pa.array([bool(r) for r in reasons])).drop_columns([S.PROMPT]).to_pandas()
-    removed[FILTER_REASON] = [r for r in reasons if r]
+    removed[S.FILTER_REASON] = [r for r in reasons if r]
     removed[S.NUM_WORDS] = [num_words(t) for t in removed[S.RESPONSE]]
-    scored[FILTER_REASON] = ""
+    scored[S.FILTER_REASON] = ""
     everyone = pd.concat([scored.drop(columns=[S.PROMPT]), removed], ignore_index=True)
     everyone.sort_values([S.PROMPT_ID, S.CANDIDATE]).to_parquet(out.path("candidates.parquet"), index=False)
     score_histogram(scored[S.SCORE], out.path("scores.png"), f"{cfg.judge.type} judge: {len(scored)} candidates",

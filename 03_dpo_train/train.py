@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import schema as S  # noqa: E402
-from common.config import require_model, resolve  # noqa: E402
+from common.config import require_model  # noqa: E402
 from common.dpo import (load_pairs, plan, reference_cache, tokenize_pairs, train,  # noqa: E402
                         write_reference_cache)
 from common.errors import cli  # noqa: E402

@@ -29,9 +29,9 @@ import pandas as pd  # noqa: E402
 from common import report  # noqa: E402
 from common import schema as S  # noqa: E402
 from common.config import FilterConfig, JudgeConfig, PairingConfig, require_model, resolve  # noqa: E402
-from common.data import load_prompts  # noqa: E402
+from common.data import load_prompts, num_blocks  # noqa: E402
 from common.errors import UserError, cli  # noqa: E402
-from common.generation import SKIP, engine_asks, generate, tokenize_prompts  # noqa: E402
+from common.generation import engine_asks, generate, tokenize_prompts  # noqa: E402
 from common.io import StageOutput, fingerprint, read_manifest  # noqa: E402
 from common.judges import build_judge, score_range  # noqa: E402
 from common.pairing import check_threshold  # noqa: E402
@@ -151,27 +151,27 @@ def main() -> None:
     import ray
 
     t0, rows, skipped, gen_seconds = time.time(), [], {}, {}
-    blocks = max(1, min(len(prompts), 4 * cfg.engine.concurrency))
+    blocks = num_blocks(len(prompts), cfg.engine.concurrency)
     for name, path, answers in systems:
         if answers is not None:
             rows += [{S.PROMPT_ID: p[S.PROMPT_ID], S.SOURCE: p[S.SOURCE], S.REFERENCE: p[S.REFERENCE],
-                      report.SYSTEM: name, S.RESPONSE: answers[p[S.PROMPT_ID]], S.NUM_RESPONSE_TOKENS: -1,
+                      S.SYSTEM: name, S.RESPONSE: answers[p[S.PROMPT_ID]], S.NUM_RESPONSE_TOKENS: -1,
                       S.FINISH_REASON: ""} for p in prompts]
             continue
         t = time.time()
         model = cfg.model.model_copy(update={"path": path})
         tokenized = tokenize_prompts(ray.data.from_items(prompts, override_num_blocks=blocks), model,
                                      cfg.sampling.max_tokens).materialize()  # small, and read twice below
-        skipped[name] = tokenized.filter(lambda r: bool(r[SKIP])).count()
+        skipped[name] = tokenized.filter(lambda r: bool(r[S.SKIP])).count()
         for r in generate(tokenized, model, cfg.engine, cfg.sampling).take_all():
             rows.append({k: r[k] for k in (S.PROMPT_ID, S.SOURCE, S.REFERENCE, S.RESPONSE, S.NUM_RESPONSE_TOKENS,
-                                           S.FINISH_REASON)} | {report.SYSTEM: name})
+                                           S.FINISH_REASON)} | {S.SYSTEM: name})
         gen_seconds[name] = round(time.time() - t, 1)
         print(f"[{STAGE}] {name}: {len(prompts) - skipped[name]} responses in {gen_seconds[name]:.0f}s "
               f"(engine start included)", flush=True)
 
     # Compare like with like: only prompts every model answered (a prompt too long for one model is dropped).
-    answered = pd.DataFrame(rows).groupby(S.PROMPT_ID)[report.SYSTEM].nunique()
+    answered = pd.DataFrame(rows).groupby(S.PROMPT_ID)[S.SYSTEM].nunique()
     common = set(answered[answered == len(systems)].index)
     if not common:
         raise UserError(f"{args.config}: no prompt was answered by every model (all too long for one of them?); "
@@ -181,7 +181,7 @@ def main() -> None:
 
     out.begin()
     t = time.time()
-    judge_blocks = max(1, min(len(rows) // 8, 4 * max(a.count for a in judge_asks)))
+    judge_blocks = num_blocks(len(rows) // 8, max(a.count for a in judge_asks))
     judge.score(ray.data.from_items(rows, override_num_blocks=judge_blocks)).write_parquet(str(out.data))
     judge_seconds = time.time() - t
     df = pd.read_parquet(out.data).sort_values(S.PROMPT_ID, key=lambda c: c.map(order), kind="stable")

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import re
 import statistics
 import sys
@@ -164,7 +163,8 @@ def worker_stage1(args) -> None:
     import pandas as pd
 
     from common import generation as G
-    from common.data import load_prompts
+    from common import schema as S
+    from common.data import load_prompts, num_blocks
     from common.ray_setup import init_ray
 
     extra = ["ray.env_vars.VLLM_LOGGING_LEVEL=INFO"]  # so the engine's CPU binding line reaches our log
@@ -206,10 +206,10 @@ def worker_stage1(args) -> None:
 
     # From here on, what 01_generate/generate.py does.
     t0 = time.time()
-    blocks = max(1, min(len(prompts), 4 * cfg.engine.concurrency))
+    blocks = num_blocks(len(prompts), cfg.engine.concurrency)
     tokenized = G.tokenize_prompts(ray.data.from_items(prompts, override_num_blocks=blocks), cfg.model,
                                    cfg.sampling.max_tokens).materialize()
-    skipped = tokenized.filter(lambda r: bool(r[G.SKIP])).select_columns(["prompt_id", G.SKIP]).take_all()
+    skipped = tokenized.filter(lambda r: bool(r[S.SKIP])).select_columns(["prompt_id", S.SKIP]).take_all()
     t_tok = time.time()
     out_dir = Path(args.workdir) / "stage1_out"
     import shutil

@@ -16,7 +16,7 @@ from common.config import DataConfig, PromptConfig, resolve
 from common.errors import UserError
 
 
-def _read_table(path: Path, where: str) -> pd.DataFrame:
+def read_table(path: Path, where: str) -> pd.DataFrame:
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "state.json").exists():
             import datasets
@@ -28,7 +28,7 @@ def _read_table(path: Path, where: str) -> pd.DataFrame:
         files = sorted([*path.glob("*.jsonl"), *path.glob("*.json"), *path.glob("*.parquet")])
         if not files:
             raise UserError(f"{where}: {path} has no .jsonl/.parquet files and is not a save_to_disk folder")
-        return pd.concat([_read_table(f, where) for f in files], ignore_index=True)
+        return pd.concat([read_table(f, where) for f in files], ignore_index=True)
     try:
         if path.suffix == ".parquet":
             return pd.read_parquet(path)
@@ -46,7 +46,7 @@ def load_prompts(data: DataConfig, prompt: PromptConfig, where: str) -> list[dic
     if not path.exists():
         hint = "run `bash scripts/setup.sh` to prepare it" if "data/aclsum" in data.path else "check data.path"
         raise UserError(f"{where}: data.path {data.path} not found; {hint}")
-    df = _read_table(path, where)
+    df = read_table(path, where)
     if data.limit:
         df = df.head(data.limit)
     if df.empty:
@@ -79,3 +79,9 @@ def load_prompts(data: DataConfig, prompt: PromptConfig, where: str) -> list[dic
         what = f"column '{data.columns['id']}' repeats" if "id" in data.columns else "the data repeats texts, ids"
         raise UserError(f"{where}: prompt ids must be unique but {what} {dups[:3]}; deduplicate {data.path}")
     return rows
+
+
+def num_blocks(rows: int, actors: int, per_worker: int = 4) -> int:
+    """Blocks to split `rows` into for a pool of `actors`: a few per actor, so every actor has work while the next
+    block streams in, and never more blocks than rows (set at read time: no repartition while actors hold the CPUs)."""
+    return max(1, min(rows, per_worker * max(1, actors)))

@@ -15,6 +15,7 @@ import pandas as pd
 
 from common import schema as S
 from common.config import DPOStageConfig, resolve
+from common.data import num_blocks, read_table
 from common.errors import UserError
 from common.io import fingerprint
 from common.ray_setup import Ask
@@ -48,12 +49,10 @@ def load_pairs(cfg: DPOStageConfig, upstream: dict | None) -> tuple[list[dict], 
         source = {"dir": upstream["dir"], "fingerprint": upstream["fingerprint"]}
         where = f"{upstream['dir']}"
     else:
-        from common.data import _read_table
-
         path = resolve(cfg.train_path)
         if not path.exists():
             raise UserError(f"train_path {cfg.train_path} not found; give a jsonl/parquet of prompt/chosen/rejected")
-        df = _read_table(path, "train_path")
+        df = read_table(path, "train_path")
         source = {"dir": cfg.train_path, "fingerprint": fingerprint(path)}
         where = cfg.train_path
     missing = [c for c in (S.PROMPT, S.CHOSEN, S.REJECTED) if c not in df.columns]
@@ -79,7 +78,7 @@ def tokenize_pairs(pairs: list[dict], cfg: DPOStageConfig, tokenizer_path: str, 
     Returns (materialised dataset of kept pairs, {drop reason: count})."""
     import ray
 
-    blocks = max(1, min(len(pairs), cfg.num_devices * cfg.num_data_blocks_per_device))
+    blocks = num_blocks(len(pairs), cfg.num_devices, per_worker=cfg.num_data_blocks_per_device)
     # batch_size=None: one batch per block. A row count here would bundle small blocks into one, and the reference
     # pool would then get the epoch as a single block: the trainer's first batch would wait for the whole pass.
     ds = ray.data.from_items(pairs, override_num_blocks=blocks).map_batches(
@@ -87,10 +86,10 @@ def tokenize_pairs(pairs: list[dict], cfg: DPOStageConfig, tokenizer_path: str, 
         fn_kwargs=dict(tokenizer_path=tokenizer_path, max_length=cfg.context_length,
                        max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation),
     ).materialize()
-    reasons = ds.filter(lambda r: bool(r["drop_reason"])).select_columns(["drop_reason"]).take_all()
+    reasons = ds.filter(lambda r: bool(r[S.DROP_REASON])).select_columns([S.DROP_REASON]).take_all()
     drops: dict[str, int] = {}
     for r in reasons:
-        drops[r["drop_reason"]] = drops.get(r["drop_reason"], 0) + 1
+        drops[r[S.DROP_REASON]] = drops.get(r[S.DROP_REASON], 0) + 1
     if len(reasons) == len(pairs):
         if set(drops) == {DROP_EMPTY}:
             raise UserError(f"{where}: all {len(pairs)} pairs have an empty chosen or rejected response; "
@@ -98,7 +97,7 @@ def tokenize_pairs(pairs: list[dict], cfg: DPOStageConfig, tokenizer_path: str, 
         raise UserError(f"{where}: all {len(pairs)} pairs do not fit context_length={cfg.context_length} "
                         f"({drops}); raise context_length / max_prompt_length or set truncation: "
                         f"truncate_response")
-    kept = ds.filter(lambda r: not r["drop_reason"]).drop_columns(["drop_reason"]).materialize()
+    kept = ds.filter(lambda r: not r[S.DROP_REASON]).drop_columns([S.DROP_REASON]).materialize()
     return kept, drops
 
 
@@ -156,9 +155,7 @@ def _with_cached_logps(tokenized, cache_path: Path):
     df = tokenized.to_pandas().merge(ref, on=S.PAIR_ID, how="left", validate="one_to_one")
     if df[S.REF_CHOSEN_LOGPS].isna().any():
         return None  # the cache does not cover these pairs: recompute
-    from common.reference import REF_PID
-
-    df[REF_PID] = -1  # from the cache, no process computed them in this run
+    df[S.REF_PID] = -1  # from the cache, no process computed them in this run
     return ray.data.from_items(df.to_dict("records"), override_num_blocks=tokenized.num_blocks())
 
 

@@ -16,7 +16,6 @@ from common.config import FilterConfig
 from common.judges.base import num_words
 
 REASONS = ("empty", "too_short", "too_long", "invalid_chars", "duplicate")
-FILTER_REASON = "filter_reason"  # column of the scored-candidates file: "" = kept, else one of REASONS
 
 
 def normalize(text: str) -> str:

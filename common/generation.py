@@ -18,8 +18,6 @@ from common.config import EngineConfig, ModelConfig, SamplingConfig, require_mod
 from common.ray_setup import Ask
 from common.tokenize import load_tokenizer, prompt_ids
 
-TOKENIZED = "tokenized_prompt"  # the column name ray.data.llm's vLLM stage reads
-SKIP = "skip_reason"
 MESSAGES = "_prompt_messages"  # our PROMPT column while it passes through the engine
 
 
@@ -45,9 +43,9 @@ def _tokenize_prompts(batch: dict[str, np.ndarray], model_path: str, trust_remot
         ids.append(np.asarray(p if ok else [], dtype=np.int64))
         reasons.append("" if ok else f"prompt_too_long ({len(p)} > {max_prompt_tokens} tokens)")
     out = dict(batch)
-    out[TOKENIZED] = np.empty(len(ids), dtype=object)
-    out[TOKENIZED][:] = ids
-    out[SKIP] = np.asarray(reasons, dtype=object)
+    out[S.TOKENIZED] = np.empty(len(ids), dtype=object)
+    out[S.TOKENIZED][:] = ids
+    out[S.SKIP] = np.asarray(reasons, dtype=object)
     return out
 
 
@@ -62,7 +60,7 @@ def tokenize_prompts(ds, model: ModelConfig, max_tokens: int):
 
 
 def _expand(row: dict[str, Any], n: int, seed: int) -> list[dict[str, Any]]:
-    if row[SKIP]:
+    if row[S.SKIP]:
         return []
     return [dict(row, **{S.CANDIDATE: k}) for k in range(n)]
 

@@ -26,7 +26,6 @@ from common.config import JudgeConfig, PairingConfig
 from common.errors import UserError
 from common.filters import normalize
 
-DECIDED_BY = "decided_by"  # "quality" or "length": which branch of the rule made the pair
 QUALITY, LENGTH = "quality", "length"
 
 
@@ -137,12 +136,12 @@ def make_pairs(scored: pd.DataFrame, cfg: PairingConfig, seed: int) -> tuple[lis
                 S.SOURCE: c[S.SOURCE],
                 S.CHOSEN_SCORE: float(c[S.SCORE]), S.REJECTED_SCORE: float(r[S.SCORE]),
                 S.CHOSEN_WORDS: int(c[S.NUM_WORDS]), S.REJECTED_WORDS: int(r[S.NUM_WORDS]),
-                DECIDED_BY: p["kind"],
+                S.DECIDED_BY: p["kind"],
             })
     with_pairs = [n for n in per_prompt if n]
     stats = {
         "pairs": len(out),
-        "pairs_by_rule": {k: sum(p[DECIDED_BY] == k for p in out) for k in (QUALITY, LENGTH)},
+        "pairs_by_rule": {k: sum(p[S.DECIDED_BY] == k for p in out) for k in (QUALITY, LENGTH)},
         **totals,
         "prompts": len(per_prompt), "prompts_with_pairs": len(with_pairs),
         "pairs_per_prompt_mean": round(len(out) / len(with_pairs), 2) if with_pairs else 0.0,

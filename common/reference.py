@@ -18,8 +18,6 @@ import numpy as np
 
 from common import schema as S
 
-REF_PID = "ref_pid"  # which process computed a row's reference log-probs (the tests check it is not a trainer)
-REF_CHOSEN_TOKENS, REF_REJECTED_TOKENS = "chosen_num_tokens", "rejected_num_tokens"
 
 
 def _record_provenance(folder: str | None) -> None:
@@ -38,9 +36,9 @@ def _record_provenance(folder: str | None) -> None:
 def _out(batch, chosen, rejected, n_chosen, n_rejected):
     batch[S.REF_CHOSEN_LOGPS] = np.asarray(chosen, dtype=np.float64)
     batch[S.REF_REJECTED_LOGPS] = np.asarray(rejected, dtype=np.float64)
-    batch[REF_CHOSEN_TOKENS] = np.asarray(n_chosen, dtype=np.int64)
-    batch[REF_REJECTED_TOKENS] = np.asarray(n_rejected, dtype=np.int64)
-    batch[REF_PID] = np.full(len(chosen), os.getpid(), dtype=np.int64)
+    batch[S.REF_CHOSEN_TOKENS] = np.asarray(n_chosen, dtype=np.int64)
+    batch[S.REF_REJECTED_TOKENS] = np.asarray(n_rejected, dtype=np.int64)
+    batch[S.REF_PID] = np.full(len(chosen), os.getpid(), dtype=np.int64)
     return batch
 
 
@@ -68,11 +66,11 @@ class ReferenceLogProbProcessor:
         from common.dpo_loss import model_logps
         from common.tokenize import collate_pairs
 
-        ids, attn, mask = collate_pairs(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], self.pad_id)
+        ids, attn, mask = collate_pairs(batch[S.PROMPT_IDS], batch[S.CHOSEN_IDS], batch[S.REJECTED_IDS], self.pad_id)
         dev = self.model.device
         with self.torch.inference_mode():
             logps, ntok, _, _ = model_logps(self.model, ids.to(dev), attn.to(dev), mask.to(dev), self.window)
-        b = len(batch["prompt_ids"])
+        b = len(batch[S.PROMPT_IDS])
         logps, ntok = logps.float().cpu().numpy(), ntok.cpu().numpy()
         return _out(batch, logps[:b], logps[b:], ntok[:b], ntok[b:])
 
@@ -102,7 +100,7 @@ class VLLMReferenceLogProbProcessor:
         from vllm.inputs import TokensPrompt
 
         prompts, spans = [], []
-        for p, c, r in zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"]):
+        for p, c, r in zip(batch[S.PROMPT_IDS], batch[S.CHOSEN_IDS], batch[S.REJECTED_IDS]):
             for resp in (c, r):
                 prompts.append(TokensPrompt(prompt_token_ids=[int(t) for t in (*p, *resp)]))
                 spans.append((len(p), len(resp)))
@@ -113,8 +111,8 @@ class VLLMReferenceLogProbProcessor:
             lp = out.prompt_logprobs  # position i: {token_id: Logprob} for token i (None at position 0)
             sums.append(sum(lp[i][ids[i]].logprob for i in range(n_p, n_p + n_r)))
         sums = np.asarray(sums)
-        n_c = [len(c) for c in batch["chosen_ids"]]
-        n_r = [len(r) for r in batch["rejected_ids"]]
+        n_c = [len(c) for c in batch[S.CHOSEN_IDS]]
+        n_r = [len(r) for r in batch[S.REJECTED_IDS]]
         return _out(batch, sums[0::2], sums[1::2], n_c, n_r)
 
 

@@ -29,7 +29,6 @@ from common import schema as S
 from common.config import EvaluateStageConfig, FilterConfig, JudgeConfig, PairingConfig
 from common.metrics import load_metric
 
-SYSTEM = "model"  # column: which model (or outputs file) wrote the response; its name in the report
 
 # judge type -> what its SCORE is, in words (for report.md)
 SCORE_MEANING = {
@@ -48,8 +47,8 @@ def outcomes(df: pd.DataFrame, model: str, baseline: str, pairing: PairingConfig
     from common.filters import normalize
     from common.pairing import compare
 
-    a = df[df[SYSTEM] == model].set_index(S.PROMPT_ID)
-    b = df[df[SYSTEM] == baseline].set_index(S.PROMPT_ID)
+    a = df[df[S.SYSTEM] == model].set_index(S.PROMPT_ID)
+    b = df[df[S.SYSTEM] == baseline].set_index(S.PROMPT_ID)
     out = {}
     for pid in a.index.intersection(b.index):
         ra, rb = a.loc[pid], b.loc[pid]
@@ -96,7 +95,7 @@ def model_metrics(rows: pd.DataFrame, judge: JudgeConfig, filters: FilterConfig,
 def compute(df: pd.DataFrame, names: list[str], baseline: str, judge: JudgeConfig, filters: FilterConfig,
             pairing: PairingConfig, bootstrap_samples: int, seed: int) -> dict[str, Any]:
     """metrics.json: per-model metrics, and for every model but the baseline its win rate against the baseline."""
-    models = {n: model_metrics(df[df[SYSTEM] == n], judge, filters, pairing) for n in names}
+    models = {n: model_metrics(df[df[S.SYSTEM] == n], judge, filters, pairing) for n in names}
     head_to_head = {}
     for n in names:
         if n == baseline:
@@ -224,7 +223,7 @@ def examples_md(df: pd.DataFrame, names: list[str], model: str, baseline: str, p
                 k: int, source_words: int = 80) -> str:
     parts = []
     for i, (pid, verdict) in enumerate(pick_examples(df, model, baseline, pairing, k), 1):
-        rows = df[df[S.PROMPT_ID] == pid].set_index(SYSTEM)
+        rows = df[df[S.PROMPT_ID] == pid].set_index(S.SYSTEM)
         src = str(rows[S.SOURCE].iloc[0]).split()
         cut = " ".join(src[:source_words]) + (" …" if len(src) > source_words else "")
         parts.append(f"### Example {i}: prompt `{pid}` ({model} vs {baseline}: {verdict})\n\n"
@@ -243,7 +242,7 @@ def draw_plots(df: pd.DataFrame, names: list[str], metrics: dict, judge: JudgeCo
     """The PNGs of report.md ({title: file}) and notes on what could not be drawn."""
     from common.plots import overlaid_histograms, win_tie_loss_bars
 
-    by_model = {n: df[df[SYSTEM] == n] for n in names}
+    by_model = {n: df[df[S.SYSTEM] == n] for n in names}
     overlaid_histograms({n: r[S.NUM_WORDS] for n, r in by_model.items()}, folder / "lengths.png",
                         "response lengths", "words per response")
     overlaid_histograms({n: r[S.SCORE] for n, r in by_model.items()}, folder / "scores.png",

@@ -32,3 +32,20 @@ PAIR_ID = "pair_id"
 # reference log-probs (stage 3), TRL's names
 REF_CHOSEN_LOGPS = "ref_chosen_logps"
 REF_REJECTED_LOGPS = "ref_rejected_logps"
+
+# stage 1's working columns (never written): the prompt's token ids for vLLM, and why a prompt was skipped
+TOKENIZED = "tokenized_prompt"  # the column name ray.data.llm's vLLM stage reads
+SKIP = "skip_reason"  # "" = generated
+
+# stage 2's scored-candidates file and pairs
+FILTER_REASON = "filter_reason"  # "" = kept, else the filter that removed the candidate
+DECIDED_BY = "decided_by"  # "quality" or "length": which branch of the pairing rule made the pair
+
+# stage 3's tokenised pairs (common.tokenize -> reference actors -> trainers)
+PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS = "prompt_ids", "chosen_ids", "rejected_ids"
+DROP_REASON = "drop_reason"  # "" = kept, else why the pair cannot be trained on
+REF_CHOSEN_TOKENS, REF_REJECTED_TOKENS = "chosen_num_tokens", "rejected_num_tokens"
+REF_PID = "ref_pid"  # which process computed a row's reference log-probs (the tests check it is not a trainer)
+
+# stage 4's judged responses
+SYSTEM = "model"  # which model (or outputs file) wrote the response; its name in the report

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from common import schema as S
+
 DROP_EMPTY, DROP_TOO_LONG = "empty_response", "too_long"
 
 
@@ -59,23 +61,23 @@ def tokenize_pair(tok, prompt: list[dict], chosen: Any, rejected: Any, max_lengt
         if truncation == "drop" or room <= 0:
             return DROP_TOO_LONG
         c, r = c[:room], r[:room]
-    return {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
+    return {S.PROMPT_IDS: p, S.CHOSEN_IDS: c, S.REJECTED_IDS: r}
 
 
 def tokenize_pairs_batch(batch: dict[str, np.ndarray], tok, max_length: int, max_prompt_length: int,
                          truncation: str, columns: tuple[str, str, str]) -> dict[str, np.ndarray]:
     """Ray Data batch -> the same batch plus prompt_ids/chosen_ids/rejected_ids and a `drop_reason` ("" = kept)."""
     pc, cc, rc = columns
-    out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "drop_reason": []}
+    out = {S.PROMPT_IDS: [], S.CHOSEN_IDS: [], S.REJECTED_IDS: [], S.DROP_REASON: []}
     for prompt, chosen, rejected in zip(batch[pc], batch[cc], batch[rc]):
         t = tokenize_pair(tok, list(prompt), chosen, rejected, max_length, max_prompt_length, truncation)
         if isinstance(t, str):
-            t, reason = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}, t
+            t, reason = {S.PROMPT_IDS: [], S.CHOSEN_IDS: [], S.REJECTED_IDS: []}, t
         else:
             reason = ""
         for k, v in t.items():
             out[k].append(np.asarray(v, dtype=np.int64))
-        out["drop_reason"].append(reason)
+        out[S.DROP_REASON].append(reason)
     result = dict(batch)
     for k, v in out.items():
         arr = np.empty(len(v), dtype=object)

@@ -24,11 +24,10 @@ import torch
 
 from common import schema as S
 from common.dpo_loss import dpo_loss, dpo_metrics, model_logps, supports_logits_to_keep
-from common.reference import REF_PID
 from common.tokenize import collate_pairs
 
-BATCH_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", S.REF_CHOSEN_LOGPS, S.REF_REJECTED_LOGPS, S.PAIR_ID,
-                 REF_PID]
+BATCH_COLUMNS = [S.PROMPT_IDS, S.CHOSEN_IDS, S.REJECTED_IDS, S.REF_CHOSEN_LOGPS, S.REF_REJECTED_LOGPS, S.PAIR_ID,
+                 S.REF_PID]
 
 
 def _build_model(cfg, dtype):
@@ -122,7 +121,6 @@ def _load_state(path: Path, model, optimizer, scheduler) -> dict:
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch.distributed as dist
-    from ray.train import Checkpoint
 
     from common.config import DPOStageConfig
 
@@ -206,13 +204,13 @@ def train_loop_per_worker(config: dict) -> None:
             if rows is None:
                 break
             batch = {k: [r[k] for r in rows] for k in BATCH_COLUMNS}
-            ref_pids.update(int(x) for x in batch[REF_PID])
+            ref_pids.update(int(x) for x in batch[S.REF_PID])
             if streamed:
                 seen.extend(rows)
             done.extend(str(p) for p in batch[S.PAIR_ID])
-            ids, attn, mask = collate_pairs(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], pad_id)
+            ids, attn, mask = collate_pairs(batch[S.PROMPT_IDS], batch[S.CHOSEN_IDS], batch[S.REJECTED_IDS], pad_id)
             ids, attn, mask = ids.to(device), attn.to(device), mask.to(device)
-            b = len(batch["prompt_ids"])
+            b = len(batch[S.PROMPT_IDS])
             logps, ntok, logits, mask = model_logps(model, ids, attn, mask, head_window)
             ref_c = torch.as_tensor(np.asarray(batch[S.REF_CHOSEN_LOGPS], dtype=np.float32), device=device)
             ref_r = torch.as_tensor(np.asarray(batch[S.REF_REJECTED_LOGPS], dtype=np.float32), device=device)

@@ -18,7 +18,6 @@ from common import schema as S
 from common.config import DPOStageConfig, GenerateConfig, PairingConfig, PromptConfig, load_config
 from common.io import StageOutput
 from common.plots import plot_training_curves
-from common.report import SYSTEM
 from conftest import REPO, run_stage
 
 SCRIPT = "04_evaluate/evaluate.py"
@@ -119,18 +118,18 @@ def test_off_topic_outputs_lose_every_prompt(evaluated):
 def test_per_model_metrics_match_the_judged_rows(evaluated):
     df = pd.read_parquet(evaluated["folder"] / "data")
     assert len(df) == 3 * N_PROMPTS
-    assert sorted(df[SYSTEM].unique()) == ["dpo", "offtopic", "sft"]
+    assert sorted(df[S.SYSTEM].unique()) == ["dpo", "offtopic", "sft"]
     assert np.isfinite(df[S.SCORE]).all()
     for name, m in evaluated["metrics"]["models"].items():
-        rows = df[df[SYSTEM] == name]
+        rows = df[df[S.SYSTEM] == name]
         assert m["n"] == N_PROMPTS
         assert m["mean_score"] == pytest.approx(rows[S.SCORE].mean())
         assert m["mean_words"] == pytest.approx(rows[S.NUM_WORDS].mean())
         ratio = rows[S.NUM_WORDS] / rows[S.SOURCE].str.split().str.len()
         assert m["median_compression"] == pytest.approx(ratio.median())
     # greedy decoding of the same model: the same text, prompt by prompt
-    a = df[df[SYSTEM] == "dpo"].set_index(S.PROMPT_ID)[S.RESPONSE]
-    b = df[df[SYSTEM] == "sft"].set_index(S.PROMPT_ID)[S.RESPONSE]
+    a = df[df[S.SYSTEM] == "dpo"].set_index(S.PROMPT_ID)[S.RESPONSE]
+    b = df[df[S.SYSTEM] == "sft"].set_index(S.PROMPT_ID)[S.RESPONSE]
     assert (a.sort_index() == b.sort_index()).all()
 
 
@@ -244,8 +243,8 @@ def test_verdicts_follow_the_pairing_rule_and_identical_text_ties():
     recs = []
     for pid, sa, wa, sb, wb in rows:
         text = "same" if pid == "d" else None
-        recs.append({S.PROMPT_ID: pid, SYSTEM: "m", S.SCORE: sa, S.NUM_WORDS: wa, S.RESPONSE: text or f"m-{pid}"})
-        recs.append({S.PROMPT_ID: pid, SYSTEM: "b", S.SCORE: sb, S.NUM_WORDS: wb, S.RESPONSE: text or f"b-{pid}"})
+        recs.append({S.PROMPT_ID: pid, S.SYSTEM: "m", S.SCORE: sa, S.NUM_WORDS: wa, S.RESPONSE: text or f"m-{pid}"})
+        recs.append({S.PROMPT_ID: pid, S.SYSTEM: "b", S.SCORE: sb, S.NUM_WORDS: wb, S.RESPONSE: text or f"b-{pid}"})
     o = outcomes(pd.DataFrame(recs), "m", "b", PairingConfig())
     assert o.drop("e").to_dict() == {"a": 1.0, "b": 0.0, "c": 0.5, "d": 0.5}
     assert np.isnan(o["e"])

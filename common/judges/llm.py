@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from common import schema as S
 from common.config import LLMJudgeConfig, require_model
-from common.generation import TOKENIZED, build_engine, engine_asks
+from common.generation import build_engine, engine_asks
 from common.ray_setup import Ask
 from common.tokenize import load_tokenizer, prompt_ids
 
@@ -44,7 +44,7 @@ def _prepare(row: dict[str, Any], build: Callable, model_path: str, trust: bool,
     # A skipped row still passes the engine, as a one-token prompt with max_tokens=1 (its reply is ignored),
     # so every row stays in the one lazy pipeline.
     ids = ids or [tok.eos_token_id]
-    row[TOKENIZED], row[SKIPPED] = ids, skipped
+    row[S.TOKENIZED], row[SKIPPED] = ids, skipped
     return row
 
 

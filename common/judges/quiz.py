@@ -18,6 +18,7 @@ import numpy as np
 
 from common import schema as S
 from common.config import LLMJudgeConfig, QuizConfig
+from common.data import num_blocks
 from common.judges.base import with_scores
 from common.judges.llm import RAW, SKIPPED, ask, extract_json, letters, llm_asks, read_choice
 from common.ray_setup import Ask
@@ -151,7 +152,7 @@ class QuizJudge:
         for r in ds.select_columns([S.PROMPT_ID, S.SOURCE]).iter_rows():
             sources.setdefault(r[S.PROMPT_ID], r[S.SOURCE])
         items = [{S.PROMPT_ID: p, S.SOURCE: s} for p, s in sources.items()]
-        blocks = max(1, min(len(items), 4 * self.llm.engine.concurrency))
+        blocks = num_blocks(len(items), self.llm.engine.concurrency)
         written = ask(ray.data.from_items(items, override_num_blocks=blocks), self.llm,
                       build=lambda row: question_messages(row[S.SOURCE], quiz),
                       schema=questions_schema(quiz.num_questions, quiz.num_options),

@@ -18,6 +18,7 @@ from typing import Any
 
 from common import schema as S
 from common.config import LLMJudgeConfig, RubricConfig
+from common.data import num_blocks
 from common.judges.base import with_scores
 from common.judges.llm import RAW, SKIPPED, ask, extract_json, llm_asks
 from common.ray_setup import Ask
@@ -166,7 +167,7 @@ class RubricJudge:
 
         verdicts: dict[tuple[str, str, str], str | None] = {}
         if items:
-            blocks = max(1, min(len(items), 4 * self.llm.engine.concurrency))
+            blocks = num_blocks(len(items), self.llm.engine.concurrency)
             for r in ask(ray.data.from_items(items, override_num_blocks=blocks), self.llm, build=build,
                          schema=VERDICT_SCHEMA, max_tokens=min(self.llm.max_tokens, 16)).take_all():
                 verdicts[(r[S.PROMPT_ID], r[_A], r[_B])] = None if r[SKIPPED] else parse_verdict(r[RAW])
