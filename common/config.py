@@ -31,7 +31,7 @@ class Base(BaseModel):
 # ---------------------------------------------------------------- shared blocks
 class RayConfig(Base):
     address: Optional[str] = None  # None: start a local Ray; "auto": join the cluster this runs on
-    num_cpus: Optional[float] = None  # local Ray only; None = all cores
+    num_cpus: Optional[float] = Field(default=None, gt=0)  # local Ray only; None = all cores (0 would hang)
     # Declared on a local Ray so GPU-shaped configs (accelerator_type:A10G ...) schedule for real on a laptop.
     local_resources: dict[str, float] = {"accelerator_type:A10G": 8.0, "accelerator_type:A100": 8.0}
     env_vars: dict[str, str] = {}  # extra env vars for every Ray worker
@@ -285,7 +285,7 @@ class LoraConfig(Base):
 
 class DPOStageConfig(StageBase):
     input_dir: str = "${output_dir}/02_judge"  # stage 2's output; or give train_path
-    train_path: Optional[str] = None  # your own TRL-format pairs (jsonl/parquet): prompt, chosen, rejected
+    train_path: Optional[str] = Field(default=None, min_length=1)  # your own TRL-format pairs (jsonl/parquet): prompt, chosen, rejected
     task: Literal["preference_tuning"] = "preference_tuning"
     model_id: str = "models/smollm2-135m-instruct"  # the SFT model: policy init
     reference_model_id: Optional[str] = None  # None = model_id (the usual DPO setup)
@@ -465,23 +465,16 @@ def _explain(err: ValidationError, schema: type[BaseModel], where: str) -> str:
 def load_config(stage: str, path: str, overrides: list[str] = ()) -> StageBase:
     """Read `path` (YAML) for `stage`, apply `key.sub=value` overrides, validate. Raises UserError."""
     schema = STAGES[stage]
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file {path} not found (the configs live in configs/quickstart/ and configs/gpu/)")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}:{at} is not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    raw = _read_yaml(path, stage)
     for item in overrides:
         if "=" not in item:
             raise UserError(f"--set {item}: expected key.sub=value (e.g. --set preference_tuning_config.beta=0.05)")
         k, v = item.split("=", 1)
+        if not v.strip():  # `--set train_path=` would silently mean "" (often: fall back to a default)
+            raise UserError(f"--set {item}: no value for '{k.strip()}'; give one, or --set {k.strip()}=null to unset "
+                            f"it, or --set '{k.strip()}=\"\"' for an empty string")
         try:
-            value = yaml.safe_load(v) if v else ""
+            value = yaml.safe_load(v)
         except yaml.YAMLError:
             raise UserError(f"--set {item}: the value is not valid YAML; quote it, e.g. --set '{k}=\"...\"'") from None
         _set_dotted(raw, k.strip(), value, path)
@@ -495,6 +488,32 @@ def load_config(stage: str, path: str, overrides: list[str] = ()) -> StageBase:
         return schema.model_validate(raw)
     except ValidationError as e:
         raise UserError(_explain(e, schema, path)) from None
+
+
+def _read_yaml(path: str, stage: str) -> dict:
+    """The config file's top-level mapping, or a UserError naming the file (missing, a folder, not UTF-8, bad YAML)."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"config {path} is a folder, not a file; give a YAML file in it, e.g. --config "
+                        f"{p / (stage + '.yaml')}")
+    if not p.is_file():
+        raise UserError(f"config file {path} not found (the configs live in configs/quickstart/ and configs/gpu/)")
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}: line {line}: byte 0x{data[e.start]:02x} is not UTF-8; save the file as UTF-8") \
+            from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{at} is not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    return raw
 
 
 def config_hash(cfg: BaseModel, *exclude: str) -> str:

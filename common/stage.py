@@ -4,10 +4,11 @@ from __future__ import annotations
 import argparse
 
 from common.config import load_config
+from common.io import check_output_dir
 
 
 def parse(stage: str, doc: str):
-    """Parse the command line and load the stage's config (UserError on anything wrong)."""
+    """Parse the command line, load the stage's config and check its output_dir (UserError on anything wrong)."""
     p = argparse.ArgumentParser(description=doc.strip().splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
     p.add_argument("--config", required=True, help=f"YAML config, e.g. configs/quickstart/{stage}.yaml")
@@ -17,4 +18,7 @@ def parse(stage: str, doc: str):
     p.add_argument("--dry-run", action="store_true",
                    help="validate the config and print the resource plan; start nothing, write nothing")
     args = p.parse_args()
-    return args, load_config(stage, args.config, args.set)
+    cfg = load_config(stage, args.config, args.set)
+    if not args.dry_run:  # before reading any input or starting anything: where the output goes must be usable
+        check_output_dir(cfg.output_dir, stage)
+    return args, cfg

@@ -8,7 +8,7 @@ import pytest
 
 from common.config import STAGES, load_config
 from common.errors import UserError
-from conftest import REPO
+from conftest import REPO, one_line_error
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 SCRIPTS = {"01_generate": "01_generate/generate.py", "02_judge": "02_judge/judge.py",
@@ -72,6 +72,8 @@ BAD = {  # case -> (stage, --set overrides or YAML text, what the one line must 
     "prompt_longer_than_context": ("03_dpo_train", ["max_prompt_length=900"], "max_prompt_length"),
     "bad_set_syntax": ("01_generate", ["sampling.n"], "expected key.sub=value"),
     "too_many_cpus": ("01_generate", ["engine.num_cpus=64"], "needs 64.25 CPUs"),
+    "zero_ray_cpus": ("01_generate", ["ray.num_cpus=0"], "'ray.num_cpus': Input should be greater than 0"),
+    "empty_set_value": ("03_dpo_train", ["train_path="], "no value for 'train_path'"),
 }
 
 
@@ -98,6 +100,27 @@ def test_yaml_syntax_error_and_missing_file(tmp_path):
         load_config("01_generate", str(bad))
     with pytest.raises(UserError, match="not found"):
         load_config("01_generate", str(tmp_path / "nope.yaml"))
+
+
+@pytest.mark.parametrize("case", ["not_utf8", "a_folder"])
+def test_config_not_utf8_or_a_folder_is_one_line(tmp_path, case):
+    if case == "not_utf8":
+        config = tmp_path / "latin1.yaml"
+        config.write_bytes("output_dir: outputs/x\n# r\u00e9sum\u00e9\n".encode("latin-1"))
+        expect = f"{config}: line 2: byte 0xe9 is not UTF-8"
+    else:
+        config, expect = REPO / "configs/quickstart", "configs/quickstart is a folder, not a file"
+    proc = subprocess.run([sys.executable, str(REPO / SCRIPTS["02_judge"]), "--config", str(config), "--set",
+                           f"output_dir={tmp_path}/out"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert expect in one_line_error(proc)
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_train_path_in_yaml_is_an_error_not_a_fallback(tmp_path):
+    config = tmp_path / "dpo.yaml"
+    config.write_text('train_path: ""\n')
+    with pytest.raises(UserError, match="'train_path': String should have at least 1 character"):
+        load_config("03_dpo_train", str(config))
 
 
 def test_overrides_and_interpolation():
