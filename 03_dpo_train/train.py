@@ -49,7 +49,8 @@ def main() -> None:
     init_ray(cfg.ray)
     tokenized, drops = tokenize_pairs(pairs, cfg, policy, where=args.config)
     cache = reference_cache(cfg, ref, source, upstream)
-    result = train(cfg, tokenized, cache, policy, ref, work=out.final.parent / f".{STAGE}.work", force=args.force)
+    # work_dir(): Ray Train's checkpoints, marked as this stage's; it already starts over on --force
+    result = train(cfg, tokenized, cache, policy, ref, work=out.work_dir(), force=False)
 
     out.begin()
     final = result.pop("final_dir")
