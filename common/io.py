@@ -168,8 +168,9 @@ def check_output_dir(output_dir: str, stage: str) -> Path:
     where = f"output_dir {output_dir}" + (f" ({root})" if str(root) != output_dir else "")
     real = root.resolve()
     if _inside(REPO, real):
-        raise UserError(f"{where} is or contains this cookbook's code ({REPO}): its stage folders would land "
-                        f"beside the scripts of the same name; use a folder of its own, e.g. outputs/<run>")
+        what = "is this cookbook's code folder" if real == REPO else f"contains this cookbook's code ({REPO})"
+        raise UserError(f"{where} {what}: stage folders would land beside (or replace) the scripts of the same "
+                        f"name; use a folder of its own, e.g. outputs/<run>")
     code = [c for c in (".git", *STAGE_SCRIPTS.values()) if os.path.lexists(root / c)]
     if code:
         raise UserError(f"{where} holds code ({root / code[0]}); stage folders would land beside it; "

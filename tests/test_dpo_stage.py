@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from common.io import read_manifest
 from conftest import REPO, one_line_error, run_stage
 
 CONFIG = REPO / "configs/quickstart/03_dpo_train.yaml"
@@ -32,7 +33,7 @@ def write_pairs(path: Path, n: int, **overrides) -> Path:
 
 
 def manifest(out: Path) -> dict:
-    return json.loads((out / "03_dpo_train" / "manifest.json").read_text())
+    return read_manifest(out / "03_dpo_train", "03_dpo_train")  # its paths resolved (written relative to out)
 
 
 @pytest.fixture(scope="module")
