@@ -285,7 +285,8 @@ class LoraConfig(Base):
 
 class DPOStageConfig(StageBase):
     input_dir: str = "${output_dir}/02_judge"  # stage 2's output; or give train_path
-    train_path: Optional[str] = Field(default=None, min_length=1)  # your own TRL-format pairs (jsonl/parquet): prompt, chosen, rejected
+    # your own TRL-format pairs (jsonl/parquet): prompt, chosen, rejected; "" is an error, not a fallback
+    train_path: Optional[str] = Field(default=None, min_length=1)
     task: Literal["preference_tuning"] = "preference_tuning"
     model_id: str = "models/smollm2-135m-instruct"  # the SFT model: policy init
     reference_model_id: Optional[str] = None  # None = model_id (the usual DPO setup)

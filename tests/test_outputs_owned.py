@@ -110,7 +110,8 @@ def test_a_file_added_during_the_run_stops_the_replacement_and_keeps_the_new_out
     (tmp_path / "01_generate" / "notes.txt").write_text("added while the stage ran")
     with pytest.raises(UserError, match="the new output is complete in"):
         out.commit(rows={"candidates": 1})
-    assert (tmp_path / "01_generate" / "notes.txt").exists() and (tmp_path / ".01_generate.partial" / "manifest.json").exists()
+    assert (tmp_path / "01_generate" / "notes.txt").exists()
+    assert (tmp_path / ".01_generate.partial" / "manifest.json").exists()
 
 
 def test_own_outputs_are_replaced_and_every_folder_is_marked(tmp_path):
@@ -178,7 +179,8 @@ def test_manifest_paths_are_relative_to_output_dir_and_read_after_a_move(tmp_pat
     (out.path("model")).mkdir()
     (out.path("metrics.jsonl")).write_text("{}\n")
     elsewhere = str(tmp_path / "models" / "sft")  # outside output_dir: recorded as given
-    done = out.commit(rows={"pairs_trained": 1}, model=str(out.final / "model"), metrics_file=out.final / "metrics.jsonl",
+    done = out.commit(rows={"pairs_trained": 1}, model=str(out.final / "model"),
+                      metrics_file=out.final / "metrics.jsonl",
                       reference_cache=str(run / "01_generate" / "ref_logps" / "x.parquet"), base_model=elsewhere,
                       adapter=None)
     assert done["model"] == str(run / "03_dpo_train" / "model")  # the caller gets absolute paths
