@@ -4,15 +4,16 @@ the embedded 135M model as judge (its answers are poor: these runs check the pip
 import json
 import math
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
 from common import schema as S
 from common.config import REPO, JudgeConfig, LLMJudgeConfig, QuizConfig, RubricConfig, load_config
 from common.judges import build_judge, error_counts, parse_details
-from common.judges.llm import extract_json, read_choice
-from common.judges.quiz import grade, parse_answers, parse_questions, questions_schema
-from common.judges.rubric import combine_orders, parse_rating, parse_verdict, win_shares
+from common.judges.llm import RAW, SKIPPED, extract_json, read_choice, score_replies
+from common.judges.quiz import answers_model, grade, parse_answers, parse_questions, questions_model
+from common.judges.rubric import Verdict, combine_orders, parse_rating, parse_verdict, rating_model, win_shares
 from common.pairing import compare
 
 QS = load_config("02_judge", str(REPO / "configs/quickstart/02_judge.yaml"), []).pairing  # the quickstart's rule
@@ -104,11 +105,35 @@ def test_unparseable_answers_score_nan(reply):
     assert math.isnan(score) and detail["error"] == "questions_unparseable"
 
 
-def test_questions_schema_shape():
-    s = questions_schema(5, 4)
+def test_reply_schemas_are_what_vllm_is_asked_for():
+    """The JSON schemas vLLM's structured outputs get: exactly k questions of n options keyed A.., k answers."""
+    s = questions_model(5, 4).model_json_schema()
     qs = s["properties"]["questions"]
-    assert (qs["minItems"], qs["maxItems"]) == (5, 5)
-    assert qs["items"]["properties"]["answer"]["enum"] == ["A", "B", "C", "D"]
+    assert (qs["minItems"], qs["maxItems"]) == (5, 5) and s["additionalProperties"] is False
+    question = s["$defs"][qs["items"]["$ref"].split("/")[-1]]
+    assert question["properties"]["answer"]["enum"] == ["A", "B", "C", "D"]
+    assert question["properties"]["options"]["minItems"] == question["properties"]["options"]["maxItems"] == 4
+    a = answers_model(5, 4).model_json_schema()["properties"]["answers"]
+    assert (a["minItems"], a["maxItems"], a["items"]["enum"]) == (5, 5, ["A", "B", "C", "D", "unsure"])
+    assert rating_model(10).model_json_schema()["properties"]["score"]["enum"] == list(range(1, 11))
+    assert Verdict.model_json_schema()["properties"]["winner"]["enum"] == ["A", "B", "tie"]
+    # a reply that follows the schema parses as such
+    reply = json.dumps({"questions": [q("C", OPTS[:4])] * 5})
+    assert parse_questions(reply, k=5, num_options=4) == [q("C", OPTS[:4])] * 5
+
+
+def test_score_replies_counts_every_row():
+    """The one reply-to-score loop of the LLM judges: parsed, unparseable (raw kept) and not sent (the reason)."""
+    batch = {S.RESPONSE: np.array(["a b", "c", "d e f"], dtype=object),
+             RAW: np.array(['{"score": 4}', "no idea", ""], dtype=object),
+             SKIPPED: np.array(["", "", "judge_prompt_too_long (9 > 8 tokens)"], dtype=object)}
+    out = score_replies(batch, lambda raw: (parse_rating(raw, 5), {}))
+    assert set(out) == {S.RESPONSE, S.SCORE, S.NUM_WORDS, S.JUDGE_DETAIL}
+    assert out[S.SCORE][0] == 4.0 and np.isnan(out[S.SCORE][1:]).all()
+    assert list(out[S.NUM_WORDS]) == [2, 1, 3]
+    details = parse_details(out[S.JUDGE_DETAIL])
+    assert details == [{}, {"raw": "no idea"}, {"error": "judge_prompt_too_long (9 > 8 tokens)"}]
+    assert error_counts(details) == {"judge_prompt_too_long": 1}
 
 
 
