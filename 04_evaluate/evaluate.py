@@ -18,11 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-# This file is evaluate.py: take its own folder off sys.path, or `import evaluate` (the HF metrics package that
-# common.metrics loads) would import this script instead.
-HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pandas as pd  # noqa: E402
 

@@ -2,8 +2,9 @@
 
 Every key has a default, unknown keys are errors (with the closest valid key suggested), and any problem is one
 line naming the YAML file: `load_config` raises `UserError`, which the stage's `cli` wrapper turns into exit 2.
-Stage 3 accepts LLMForge's DPO keys verbatim (`preference_tuning_config`, `logprob_processor_scaling_config`,
-`num_data_blocks_per_device`, `lora_config`, `model_id`, ...).
+Stage 3's keys take LLMForge's DPO names where the two share a setting (`preference_tuning_config`,
+`logprob_processor_scaling_config`, `num_data_blocks_per_device`, `lora_config`, `model_id`, ...); it is not a
+verbatim copy: some LLMForge keys are mapped (`deepspeed` -> strategy=fsdp), others are absent, some are our own.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from common.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
-PosInt = Field(gt=0)
 
 
 class Base(BaseModel):
@@ -450,7 +450,7 @@ def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
 
 def _explain(err: ValidationError, schema: type[BaseModel], where: str) -> str:
     e = err.errors()[0]
-    loc = tuple(p for p in e["loc"] if not isinstance(p, int) or True)
+    loc = tuple(e["loc"])
     key = ".".join(str(p) for p in loc)
     if e["type"] == "extra_forbidden":
         close = difflib.get_close_matches(str(loc[-1]), _valid_keys(schema, loc), n=1)

@@ -1,4 +1,4 @@
-"""Deterministic filters applied to scored candidates before pairing (config `filters`), each removal counted.
+"""Deterministic filters applied to stage 1's candidates before the judge scores them (config `filters`).
 
 In order, a candidate is removed when it is: `empty` (blank), `too_short` (< min_words), `too_long` (> max_words),
 `invalid_chars` (the regex matches anywhere), or a `duplicate` of an earlier candidate of the same prompt (same
@@ -7,15 +7,12 @@ text up to whitespace; the first is kept). Words are whitespace words, as everyw
 from __future__ import annotations
 
 import re
-from collections import Counter
 
 import pandas as pd
 
 from common import schema as S
 from common.config import FilterConfig
 from common.judges.base import num_words
-
-REASONS = ("empty", "too_short", "too_long", "invalid_chars", "duplicate")
 
 
 def normalize(text: str) -> str:
@@ -54,10 +51,3 @@ def filter_reasons(df: pd.DataFrame, cfg: FilterConfig) -> list[str]:
             seen.add(key)
     return reasons
 
-
-def apply_filters(df: pd.DataFrame, cfg: FilterConfig) -> tuple[pd.DataFrame, dict[str, int]]:
-    """(the kept rows, removals by reason)."""
-    reasons = filter_reasons(df, cfg)
-    counts = Counter(r for r in reasons if r)
-    keep = [not r for r in reasons]
-    return df[keep].reset_index(drop=True), {r: counts.get(r, 0) for r in REASONS}

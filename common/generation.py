@@ -59,7 +59,7 @@ def tokenize_prompts(ds, model: ModelConfig, max_tokens: int):
     )
 
 
-def _expand(row: dict[str, Any], n: int, seed: int) -> list[dict[str, Any]]:
+def _expand(row: dict[str, Any], n: int) -> list[dict[str, Any]]:
     if row[S.SKIP]:
         return []
     return [dict(row, **{S.CANDIDATE: k}) for k in range(n)]
@@ -130,7 +130,7 @@ def generate(tokenized_ds, model: ModelConfig, engine: EngineConfig, sampling: S
     the dataset is consumed."""
     params = dict(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
                   stop=list(sampling.stop) or None)
-    expanded = tokenized_ds.flat_map(_expand, fn_kwargs=dict(n=sampling.n, seed=sampling.seed), num_cpus=0.25)
+    expanded = tokenized_ds.flat_map(_expand, fn_kwargs=dict(n=sampling.n), num_cpus=0.25)
     processor = build_engine(
         model, engine,
         preprocess=lambda row: _sampling_row(row, params, sampling.seed),

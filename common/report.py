@@ -1,9 +1,9 @@
 """Stage 4's report: per-model metrics, the head-to-head win rate against the baseline, report.md and its plots.
 
 Input is one table of judged responses, one row per (prompt, model): PROMPT_ID, SYSTEM, SOURCE, RESPONSE, SCORE,
-NUM_WORDS (+ NUM_RESPONSE_TOKENS, FINISH_REASON for generated models). Every number comes from the `evaluate`
-modules in common/metrics, and the per-prompt verdict comes from stage 2's pairing rule (common.pairing), so the
-win rate measures exactly what the preference pairs taught:
+NUM_WORDS (+ NUM_RESPONSE_TOKENS, FINISH_REASON for generated models). Every number comes from the functions in
+common/metrics.py, and the per-prompt verdict comes from stage 2's pairing rule (common.pairing), so the win rate
+measures exactly what the preference pairs taught:
 
     for each prompt, model response a vs baseline response b (same prompt):
         identical text                      -> tie
@@ -27,7 +27,7 @@ import pandas as pd
 
 from common import schema as S
 from common.config import EvaluateStageConfig, FilterConfig, JudgeConfig, PairingConfig
-from common.metrics import load_metric
+from common import metrics as M
 
 
 # judge type -> what its SCORE is, in words (for report.md)
@@ -79,13 +79,11 @@ def model_metrics(rows: pd.DataFrame, judge: JudgeConfig, filters: FilterConfig,
     judged = scores[np.isfinite(scores)]
     out["share_unjudged"] = float(1 - len(judged) / len(scores))
     if len(judged):
-        out.update(load_metric("judge_quality").compute(scores=judged.tolist(),
-                                                        thresholds=quality_thresholds(judge, pairing)))
-    out.update(load_metric("compression").compute(responses=responses, sources=rows[S.SOURCE].astype(str).tolist()))
-    out.update(load_metric("length_violation").compute(responses=responses, max_words=filters.max_words,
-                                                       min_words=filters.min_words))
-    out["share_invalid"] = load_metric("invalid_chars").compute(responses=responses, pattern=filters.invalid_chars)[
-        "share_invalid"] if filters.invalid_chars else None  # "" turns the check off in stage 2 too
+        out.update(M.judge_quality(judged.tolist(), quality_thresholds(judge, pairing)))
+    out.update(M.compression(responses, rows[S.SOURCE].astype(str).tolist()))
+    out.update(M.length_violation(responses, filters.max_words, filters.min_words))
+    # "" turns the check off in stage 2 too
+    out["share_invalid"] = M.share_invalid(responses, filters.invalid_chars) if filters.invalid_chars else None
     generated = rows[S.FINISH_REASON].astype(str) != ""
     out["share_hit_max_tokens"] = float((rows.loc[generated, S.FINISH_REASON] == "length").mean()) \
         if generated.any() else None
@@ -102,10 +100,7 @@ def compute(df: pd.DataFrame, names: list[str], baseline: str, judge: JudgeConfi
             continue
         o = outcomes(df, n, baseline, pairing)
         valid = o.dropna()
-        # The verdict is already decided per prompt: feed it as a score against a constant 0.5, so the module's
-        # win / tie / loss split and its bootstrap are exactly (wins + 0.5 x ties) / n over these prompts.
-        wr = load_metric("win_rate").compute(scores=valid.tolist(), baseline_scores=[0.5] * len(valid),
-                                             bootstrap_samples=bootstrap_samples, seed=seed) if len(valid) else {}
+        wr = M.win_rate(valid.tolist(), bootstrap_samples, seed) if len(valid) else {}
         wr["unjudged"] = int(o.isna().sum())
         wr["mean_score_delta"] = _delta(models[n], models[baseline], "mean_score")
         wr["mean_words_delta"] = _delta(models[n], models[baseline], "mean_words")
@@ -146,8 +141,6 @@ def _num(x, digits=3) -> str:
 def table_rows(metrics: dict, judge: JudgeConfig, filters: FilterConfig, pairing: PairingConfig,
                names: list[str]) -> list[list[str]]:
     """Metric x model, like the Anyscale example's table, with the win-rate rows on top."""
-    from common.metrics.judge_quality.judge_quality import threshold_key
-
     base, models, wr = metrics["baseline"], metrics["models"], metrics["win_rate"]
 
     def row(label, fn):
@@ -169,7 +162,7 @@ def table_rows(metrics: dict, judge: JudgeConfig, filters: FilterConfig, pairing
     for t in quality_thresholds(judge, pairing):
         label = f"accuracy (>= {t:g} correct)" if judge.type == "quiz" else \
             f"share faithful (score >= {t:g}, the pairing threshold)"
-        rows.append(row(label, lambda n, k=threshold_key(t): _pct(models[n].get(k))))
+        rows.append(row(label, lambda n, k=M.threshold_key(t): _pct(models[n].get(k))))
     rows += [
         row("median compression (words / source words)", lambda n: _pct(models[n]["median_compression"])),
         row("mean compression", lambda n: _pct(models[n]["mean_compression"])),

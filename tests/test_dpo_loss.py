@@ -330,7 +330,7 @@ CROSS_CHECKS = [
 @pytest.mark.parametrize("beta", [0.1, 0.5])
 @pytest.mark.parametrize("loss_type, label_smoothing, trl_loss_type", CROSS_CHECKS)
 def test_loss_matches_trl_per_pair(loss_type, label_smoothing, trl_loss_type, beta):
-    pytest.importorskip("trl")
+    import trl  # noqa: F401
     per_token, completion_mask, ref = _random_pairs()
     num_pairs = len(ref) // 2
     policy = per_token.sum(1)
@@ -361,7 +361,7 @@ def test_loss_matches_trl_per_pair(loss_type, label_smoothing, trl_loss_type, be
     "loss_type, label_smoothing", [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.2)]
 )
 def test_batch_loss_and_metrics_match_trl(loss_type, label_smoothing):
-    pytest.importorskip("trl")
+    import trl  # noqa: F401
     per_token, completion_mask, ref = _random_pairs(seed=1)
     num_pairs = len(ref) // 2
     policy = per_token.sum(1)
@@ -391,7 +391,7 @@ def test_batch_loss_and_metrics_match_trl(loss_type, label_smoothing):
 def test_trl_sigmoid_ignores_label_smoothing():
     """Pins the one formula difference we keep on purpose: TRL 1.16's `sigmoid` reads no label_smoothing, ours is
     cDPO. If a TRL upgrade changes this, revisit `dpo_loss` and the module docstring."""
-    pytest.importorskip("trl")
+    import trl  # noqa: F401
     per_token, completion_mask, ref = _random_pairs(seed=2)
     num_pairs = len(ref) // 2
     inputs = {
@@ -410,7 +410,7 @@ def test_trl_sigmoid_ignores_label_smoothing():
 def tiny_policy_and_reference():
     """Two randomly initialised 1-layer Llamas (different seeds, so log-ratios are not zero), with TRL's fused
     LM head added exactly as DPOTrainer.__init__ does. Built from a config: no download."""
-    pytest.importorskip("trl")
+    import trl  # noqa: F401
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
@@ -433,7 +433,7 @@ def test_end_to_end_matches_trl_on_a_tiny_model(tiny_policy_and_reference, loss_
     """Token ids -> TRL's collator -> TRL's fused log-probs and loss, versus sequence_logps -> dpo_loss ->
     dpo_metrics on the plain logits of the same models. Checks the shift, the masks, IPO's token count and
     the `logits/*` metrics, not just the loss formula."""
-    pytest.importorskip("trl")
+    import trl  # noqa: F401
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     policy, reference = tiny_policy_and_reference

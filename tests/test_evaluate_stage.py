@@ -4,7 +4,7 @@ Stages 2 and 3 are stood in for honestly, through common.io.StageOutput: a stage
 default (similarity) judge config, and a stage-3 output whose final model *is* the embedded SFT model. So the DPO
 model is compared with itself: greedy decoding gives the same text, every prompt is a tie and the win rate is
 exactly 0.5. A third "model", an outputs file of long off-topic text, must lose every prompt. One run of the stage
-(two vLLM engine starts, ~1-2 min on 2 cores) is shared by the assertions; the failure cases stop before Ray starts.
+(two vLLM engine starts) is shared by the assertions; the failure cases stop before Ray starts.
 """
 import json
 import subprocess

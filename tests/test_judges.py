@@ -4,15 +4,16 @@ the embedded 135M model as judge (its answers are poor: these runs check the pip
 import json
 import math
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
 from common import schema as S
 from common.config import REPO, JudgeConfig, LLMJudgeConfig, QuizConfig, RubricConfig, load_config
 from common.judges import build_judge, error_counts, parse_details
-from common.judges.llm import extract_json, read_choice
-from common.judges.quiz import grade, parse_answers, parse_questions, questions_schema
-from common.judges.rubric import combine_orders, parse_rating, parse_verdict, win_shares
+from common.judges.llm import RAW, SKIPPED, extract_json, read_choice, score_replies
+from common.judges.quiz import answers_model, grade, parse_answers, parse_questions, questions_model
+from common.judges.rubric import Verdict, combine_orders, parse_rating, parse_verdict, rating_model, win_shares
 from common.pairing import compare
 
 QS = load_config("02_judge", str(REPO / "configs/quickstart/02_judge.yaml"), []).pairing  # the quickstart's rule
@@ -104,11 +105,35 @@ def test_unparseable_answers_score_nan(reply):
     assert math.isnan(score) and detail["error"] == "questions_unparseable"
 
 
-def test_questions_schema_shape():
-    s = questions_schema(5, 4)
+def test_reply_schemas_are_what_vllm_is_asked_for():
+    """The JSON schemas vLLM's structured outputs get: exactly k questions of n options keyed A.., k answers."""
+    s = questions_model(5, 4).model_json_schema()
     qs = s["properties"]["questions"]
-    assert (qs["minItems"], qs["maxItems"]) == (5, 5)
-    assert qs["items"]["properties"]["answer"]["enum"] == ["A", "B", "C", "D"]
+    assert (qs["minItems"], qs["maxItems"]) == (5, 5) and s["additionalProperties"] is False
+    question = s["$defs"][qs["items"]["$ref"].split("/")[-1]]
+    assert question["properties"]["answer"]["enum"] == ["A", "B", "C", "D"]
+    assert question["properties"]["options"]["minItems"] == question["properties"]["options"]["maxItems"] == 4
+    a = answers_model(5, 4).model_json_schema()["properties"]["answers"]
+    assert (a["minItems"], a["maxItems"], a["items"]["enum"]) == (5, 5, ["A", "B", "C", "D", "unsure"])
+    assert rating_model(10).model_json_schema()["properties"]["score"]["enum"] == list(range(1, 11))
+    assert Verdict.model_json_schema()["properties"]["winner"]["enum"] == ["A", "B", "tie"]
+    # a reply that follows the schema parses as such
+    reply = json.dumps({"questions": [q("C", OPTS[:4])] * 5})
+    assert parse_questions(reply, k=5, num_options=4) == [q("C", OPTS[:4])] * 5
+
+
+def test_score_replies_counts_every_row():
+    """The one reply-to-score loop of the LLM judges: parsed, unparseable (raw kept) and not sent (the reason)."""
+    batch = {S.RESPONSE: np.array(["a b", "c", "d e f"], dtype=object),
+             RAW: np.array(['{"score": 4}', "no idea", ""], dtype=object),
+             SKIPPED: np.array(["", "", "judge_prompt_too_long (9 > 8 tokens)"], dtype=object)}
+    out = score_replies(batch, lambda raw: (parse_rating(raw, 5), {}))
+    assert set(out) == {S.RESPONSE, S.SCORE, S.NUM_WORDS, S.JUDGE_DETAIL}
+    assert out[S.SCORE][0] == 4.0 and np.isnan(out[S.SCORE][1:]).all()
+    assert list(out[S.NUM_WORDS]) == [2, 1, 3]
+    details = parse_details(out[S.JUDGE_DETAIL])
+    assert details == [{}, {"raw": "no idea"}, {"error": "judge_prompt_too_long (9 > 8 tokens)"}]
+    assert error_counts(details) == {"judge_prompt_too_long": 1}
 
 
 
@@ -234,39 +259,46 @@ def _candidates(n_papers=1):
     return rows
 
 
-def test_quiz_judge_real_run_counts_unparseable(ray_local, model_path):
-    cfg = JudgeConfig(type="quiz", llm=_llm(model_path), quiz=QuizConfig(num_questions=3, num_options=4))
+def _judged(ray, cfg: JudgeConfig):
+    """(judge, output rows, parsed details) of `cfg`'s judge on one paper's three candidates, with the checks every
+    LLM judge run must pass: one row out per row in, and every NaN counted under exactly one reason."""
     judge = build_judge(cfg)
     rows = _candidates()
-    out = judge.score(ray_local.data.from_items(rows, override_num_blocks=1)).take_all()
-    assert len(out) == len(rows)
+    out = judge.score(ray.data.from_items(rows, override_num_blocks=1)).take_all()
+    assert sorted(r[S.CANDIDATE] for r in out) == [r[S.CANDIDATE] for r in rows]
+    details = parse_details([r[S.JUDGE_DETAIL] for r in out])
+    assert sum(error_counts(details).values()) == sum(math.isnan(r[S.SCORE]) for r in out), details
+    return judge, out, details
+
+
+def test_quiz_judge_real_run_with_structured_outputs(ray_local, model_path):
+    """With vLLM's structured outputs (the default) both replies follow their pydantic model's schema, so every one
+    parses: the 135M judge's answers are poor, but they are graded, never NaN."""
+    cfg = JudgeConfig(type="quiz", llm=_llm(model_path), quiz=QuizConfig(num_questions=3, num_options=4))
+    judge, out, details = _judged(ray_local, cfg)
     columns = {S.PROMPT_ID, S.SOURCE, S.RESPONSE, S.CANDIDATE, S.PROMPT, S.SCORE, S.NUM_WORDS, S.JUDGE_DETAIL}
     assert columns <= set(out[0])
     assert list(out[0][S.PROMPT])[0]["content"].startswith("Summarize: ")  # input columns come back intact
-    details = parse_details([r[S.JUDGE_DETAIL] for r in out])
+    assert judge.summary(details)["sources"] == 1
+    assert judge.summary(details)["sources_questions_unparseable"] == 0, details
     for r, d in zip(out, details):
-        if math.isnan(r[S.SCORE]):
-            assert d["error"] in ("questions_unparseable", "answers_unparseable")
-        else:
-            assert r[S.SCORE] == d["correct"] and 0 <= d["correct"] <= 3
-            assert d["correct"] + d["unsure"] + d["wrong"] == 3
-    nan = sum(math.isnan(r[S.SCORE]) for r in out)
-    assert sum(error_counts(details).values()) == nan
-    summary = judge.summary(details)
-    assert summary["sources"] == 1 and summary["sources_questions_unparseable"] in (0, 1)
+        assert r[S.SCORE] == d["correct"] and d["correct"] + d["unsure"] + d["wrong"] == 3, d
 
 
-def test_rubric_judge_real_run_counts_unparseable(ray_local, model_path):
-    """Plain prompting (no guided JSON): the 135M judge often answers in prose; those ratings are NaN, counted."""
+def test_rubric_judge_real_run_with_structured_outputs(ray_local, model_path):
+    """Guided JSON: every rating is a {"score": n} with n in 1..10, read as such."""
+    cfg = JudgeConfig(type="rubric", llm=_llm(model_path, max_tokens=48))
+    judge, out, details = _judged(ray_local, cfg)
+    for r, d in zip(out, details):
+        assert 1 <= r[S.SCORE] <= 10 and d == {"rating": r[S.SCORE]}, d
+    assert judge.summary(details)["mean_rating"] == pytest.approx(sum(r[S.SCORE] for r in out) / len(out), abs=1e-3)
+
+
+def test_rubric_judge_real_run_without_structured_outputs(ray_local, model_path):
+    """Plain prompting: the 135M judge answers in prose that holds no rating, so every row is NaN, counted as
+    rating_unparseable with the reply kept; what it said really does not parse (it is not lost on the way)."""
     cfg = JudgeConfig(type="rubric", llm=_llm(model_path, guided_json=False, max_tokens=48))
-    judge = build_judge(cfg)
-    rows = _candidates()
-    out = judge.score(ray_local.data.from_items(rows, override_num_blocks=1)).take_all()
-    assert len(out) == len(rows)
-    details = parse_details([r[S.JUDGE_DETAIL] for r in out])
-    for r, d in zip(out, details):
-        if math.isnan(r[S.SCORE]):
-            assert d["error"] == "rating_unparseable" and "raw" in d
-        else:
-            assert 1 <= r[S.SCORE] <= 10 and d["rating"] == r[S.SCORE]
-    assert error_counts(details).get("rating_unparseable", 0) == sum(math.isnan(r[S.SCORE]) for r in out)
+    judge, out, details = _judged(ray_local, cfg)
+    assert error_counts(details) == {"rating_unparseable": len(out)}, details
+    assert all(math.isnan(parse_rating(d["raw"], scale_max=10)) for d in details)
+    assert judge.summary(details) == {"mean_rating": None}

@@ -8,9 +8,9 @@
 
 `ds` needs PROMPT_ID, SOURCE (what faithfulness is checked against) and RESPONSE. SCORE is a float, higher is
 better, NaN when the judge's output could not be read; NUM_WORDS counts whitespace words; JUDGE_DETAIL is a JSON
-string of what the judge said. Stage 2 pairs on (SCORE, NUM_WORDS) with common.pairing; stage 4 reuses the judge of
-stage 2's manifest through `score_responses` and decides model-vs-baseline with the same rule
-(common.pairing.compare), so "better" means one thing in training data and in evaluation.
+string of what the judge said. Stage 2 pairs on (SCORE, NUM_WORDS) with common.pairing; stage 4 builds the judge of
+stage 2's manifest with `build_judge` and decides model-vs-baseline with the same rule (common.pairing.compare), so
+"better" means one thing in training data and in evaluation.
 
     similarity  cosine(response, source) with MiniLM: the embedded CPU default      (common/judges/similarity.py)
     quiz        K multiple-choice questions per source, answered from the response  (common/judges/quiz.py)
@@ -42,11 +42,6 @@ JUDGES: dict[str, Callable[[JudgeConfig], Judge]] = {
 
 def build_judge(cfg: JudgeConfig) -> Judge:
     return JUDGES[cfg.type](cfg)
-
-
-def score_responses(ds, cfg: JudgeConfig):
-    """Stage 4's entry point: build_judge(cfg).score(ds)."""
-    return build_judge(cfg).score(ds)
 
 
 def score_range(cfg: JudgeConfig) -> tuple[float, float]:

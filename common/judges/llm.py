@@ -1,22 +1,29 @@
 """Asking a judge LLM, for the `quiz` and `rubric` judges: the same vLLM-on-Ray-Data engine as stage 1
-(common.generation.build_engine), fed our own tokenised chat prompts, plus forgiving JSON parsing.
+(common.generation.build_engine), fed our own tokenised chat prompts, plus forgiving reply parsing.
 
-`ask(ds, llm, build, schema, max_tokens)` adds two columns: RAW, the judge's reply to the chat messages `build(row)`
-makes for each row, and SKIPPED, why a row was not sent ("" when it was). With `llm.guided_json` the reply is constrained to `schema` by vLLM's structured outputs
-(`StructuredOutputsParams(json=...)`); the parsers below still accept anything a model without it writes: code
-fences, prose around the JSON, single quotes, trailing commas. A prompt too long for the judge's context is not
-sent (RAW = "", SKIPPED = the reason) and its row ends up unparseable: NaN, counted, never a crash.
+`ask(ds, llm, build, reply, max_tokens)` adds two columns: RAW, the judge's reply to the chat messages `build(row)`
+makes for each row, and SKIPPED, why a row was not sent ("" when it was). `reply` is a pydantic model: with
+`llm.guided_json` vLLM's structured outputs constrain the reply to its JSON schema (`reply.model_json_schema()`).
+`parse_reply` validates a reply against the same model, after `extract_json` has found the JSON in whatever a model
+without structured outputs writes (code fences, prose around it, single quotes, trailing commas); each model's
+before-validator maps the variants judges write onto the schema. `score_replies` turns the replies into scores the
+same way for every LLM judge: a prompt too long for the judge's context is not sent (RAW = "", SKIPPED = the reason)
+and, like a reply that does not validate, ends up unparseable: NaN, counted, never a crash.
 """
 from __future__ import annotations
 
 import ast
 import json
+import math
 import re
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from common import schema as S
 from common.config import LLMJudgeConfig, require_model
 from common.generation import build_engine, engine_asks
+from common.judges.base import with_scores
 from common.ray_setup import Ask
 from common.tokenize import load_tokenizer, prompt_ids
 
@@ -48,7 +55,7 @@ def _prepare(row: dict[str, Any], build: Callable, model_path: str, trust: bool,
     return row
 
 
-def ask(ds, llm: LLMJudgeConfig, build: Callable[[dict], list[dict] | str], schema: dict | None, max_tokens: int):
+def ask(ds, llm: LLMJudgeConfig, build: Callable[[dict], list[dict] | str], reply: type[BaseModel], max_tokens: int):
     """Rows -> the same rows + RAW (the judge's reply) + SKIPPED. Lazy. Greedy unless llm.temperature > 0.
 
     `build(row)` returns the chat messages to send, or a string: the reason not to ask about this row."""
@@ -57,9 +64,9 @@ def ask(ds, llm: LLMJudgeConfig, build: Callable[[dict], list[dict] | str], sche
         build=build, model_path=path, trust=llm.model.trust_remote_code,
         max_prompt_tokens=llm.model.max_model_len - max_tokens))
     params: dict[str, Any] = dict(temperature=llm.temperature, max_tokens=max_tokens)
-    if llm.guided_json and schema is not None:
+    if llm.guided_json:
         # A JSON string, not a dict: Ray Data would turn a nested dict into an Arrow struct and back.
-        params["structured_outputs"] = {"json": json.dumps(schema)}
+        params["structured_outputs"] = {"json": json.dumps(reply.model_json_schema())}
 
     def preprocess(row):
         # In place: ray.data.llm merges the return value into this very row (see common.generation).
@@ -134,6 +141,39 @@ def extract_json(text: str | None) -> Any:
                 if isinstance(value, (dict, list)):
                     return value
     return None
+
+
+Reply = TypeVar("Reply", bound=BaseModel)
+
+
+def parse_reply(text: str | None, model: type[Reply], **context: Any) -> Reply | None:
+    """The judge's reply as `model`, or None when it does not validate. The first JSON value in the reply is
+    validated (extract_json); a reply without JSON is validated as its text, for a model that also reads prose.
+    `context` reaches the model's validators (pydantic's validation context)."""
+    data = extract_json(text)
+    try:
+        return model.model_validate((text or "") if data is None else data, context=context)
+    except ValidationError:
+        return None
+
+
+def score_replies(batch, read: Callable[..., tuple[float, dict]], *columns: str):
+    """A batch of judge replies -> the batch + SCORE, NUM_WORDS, JUDGE_DETAIL (common.judges.base.with_scores).
+
+    read(reply, *the row's `columns`) gives (score, detail). A row that was not sent gets NaN with error = why; a
+    reply read as NaN keeps its first 2000 characters in the detail (`raw`), to see why. RAW, SKIPPED and `columns`
+    are dropped."""
+    scores, details = [], []
+    for raw, skipped, *extra in zip(batch[RAW], batch[SKIPPED], *(batch[c] for c in columns)):
+        score, detail = (math.nan, {"error": skipped}) if skipped else read(raw, *extra)
+        if math.isnan(score) and not skipped:
+            detail["raw"] = raw[:2000]
+        scores.append(score)
+        details.append(detail)
+    out = with_scores(batch, scores, details)
+    for k in (RAW, SKIPPED, *columns):
+        out.pop(k)
+    return out
 
 
 def letters(n: int) -> list[str]:

@@ -10,41 +10,99 @@ Two passes through the judge model (common.judges.llm.ask, the same vLLM-on-Ray-
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from common import schema as S
 from common.config import LLMJudgeConfig, QuizConfig
 from common.data import num_blocks
-from common.judges.base import with_scores
-from common.judges.llm import RAW, SKIPPED, ask, extract_json, letters, llm_asks, read_choice
+from common.judges.llm import RAW, SKIPPED, ask, letters, llm_asks, parse_reply, read_choice, score_replies
 from common.ray_setup import Ask
 
 QUESTIONS = "_quiz_questions"  # JSON of the parsed questions of the row's source ("" = none parsed)
 
 
-# ---------------------------------------------------------------- schemas and prompts
-def questions_schema(k: int, num_options: int) -> dict:
-    question = {"type": "object", "properties": {
-        "question": {"type": "string"},
-        "options": {"type": "array", "items": {"type": "string"}, "minItems": num_options, "maxItems": num_options},
-        "answer": {"type": "string", "enum": letters(num_options)},
-    }, "required": ["question", "options", "answer"], "additionalProperties": False}
-    return {"type": "object", "properties": {"questions": {"type": "array", "items": question, "minItems": k,
-                                                           "maxItems": k}},
-            "required": ["questions"], "additionalProperties": False}
+# ---------------------------------------------------------------- the two replies, as pydantic models
+def _read_question(q: Any) -> Any:
+    """A question as judges write it without structured outputs, mapped onto the schema: options as {"A": ...} or
+    under "choices", the key under "correct" or as "b)", a 1-based index or the option's text (read_choice)."""
+    if not isinstance(q, dict):
+        return q
+    opts = q.get("options", q.get("choices"))
+    if isinstance(opts, dict):
+        opts = [opts[key] for key in sorted(opts)]
+    if isinstance(opts, list):
+        opts = [str(o).strip() for o in opts]
+    answer = read_choice(q.get("answer", q.get("correct")), opts) if isinstance(opts, list) else None
+    return {"question": str(q.get("question") or "").strip(), "options": opts, "answer": answer}
 
 
-def answers_schema(k: int, num_options: int) -> dict:
-    choice = {"type": "string", "enum": letters(num_options) + ["unsure"]}
-    return {"type": "object", "properties": {"answers": {"type": "array", "items": choice, "minItems": k,
-                                                         "maxItems": k}},
-            "required": ["answers"], "additionalProperties": False}
+def _valid(model: type[BaseModel], item: Any) -> BaseModel | None:
+    try:
+        return model.model_validate(item)
+    except ValidationError:
+        return None
 
 
+@functools.lru_cache(maxsize=None)
+def questions_model(k: int, num_options: int) -> type[BaseModel]:
+    """Pass 1's reply: {"questions": [{"question", "options", "answer"}]}, exactly k questions of num_options
+    options, the answer an option letter. Reading a reply, malformed questions are skipped and those beyond k
+    ignored; a bare list is the questions."""
+    class Question(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        question: str = Field(min_length=1)
+        options: list[Annotated[str, Field(min_length=1)]] = Field(min_length=num_options, max_length=num_options)
+        answer: Literal[tuple(letters(num_options))]  # type: ignore[valid-type]
+
+        @model_validator(mode="before")
+        @classmethod
+        def _read(cls, q: Any) -> Any:
+            return _read_question(q)
+
+    class Questions(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        questions: list[Question] = Field(min_length=k, max_length=k)
+
+        @model_validator(mode="before")
+        @classmethod
+        def _first_k_valid(cls, data: Any) -> Any:
+            items = data.get("questions") if isinstance(data, dict) else data
+            if not isinstance(items, list):
+                return data
+            return {"questions": [q for q in (_valid(Question, item) for item in items) if q is not None][:k]}
+
+    return Questions
+
+
+@functools.lru_cache(maxsize=None)
+def answers_model(k: int, num_options: int) -> type[BaseModel]:
+    """Pass 2's reply: {"answers": [...]}, one option letter or "unsure" per question. Reading a reply (validation
+    context: the `questions`), an entry that names no option of its question counts as unsure; a bare list is the
+    answers."""
+    class Answers(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        answers: list[Literal[tuple(letters(num_options) + ["unsure"])]] = Field(  # type: ignore[valid-type]
+            min_length=k, max_length=k)
+
+        @model_validator(mode="before")
+        @classmethod
+        def _read(cls, data: Any, info: ValidationInfo) -> Any:
+            items = data.get("answers") if isinstance(data, dict) else data
+            questions = (info.context or {}).get("questions")
+            if not isinstance(items, list) or questions is None or len(items) != len(questions):
+                return data
+            return {"answers": [read_choice(a, q["options"]) or "unsure" for a, q in zip(items, questions)]}
+
+    return Answers
+
+
+# ---------------------------------------------------------------- prompts
 def render_questions(questions: list[dict]) -> str:
     lines = []
     for i, q in enumerate(questions, 1):
@@ -69,37 +127,17 @@ def answer_messages(response: str, questions: list[dict], quiz: QuizConfig) -> l
 
 # ---------------------------------------------------------------- parsing and scoring (pure, unit-tested)
 def parse_questions(text: str | None, k: int, num_options: int) -> list[dict] | None:
-    """K well-formed questions from the judge's reply, or None. Options may come as a list or as {"A": ...};
-    the key may be a letter, a 1-based index or the option's text. Extra questions beyond K are ignored."""
-    data = extract_json(text)
-    items = data.get("questions") if isinstance(data, dict) else data
-    if not isinstance(items, list):
-        return None
-    out = []
-    for q in items:
-        if not isinstance(q, dict):
-            continue
-        opts = q.get("options", q.get("choices"))
-        if isinstance(opts, dict):
-            opts = [opts[key] for key in sorted(opts)]
-        if not isinstance(opts, list) or len(opts) != num_options or not all(str(o).strip() for o in opts):
-            continue
-        opts = [str(o).strip() for o in opts]
-        key = read_choice(q.get("answer", q.get("correct")), opts)
-        text_q = str(q.get("question", "")).strip()
-        if key in (None, "unsure") or not text_q:
-            continue
-        out.append({"question": text_q, "options": opts, "answer": key})
-    return out[:k] if len(out) >= k else None
+    """K well-formed questions from the judge's reply (see questions_model), or None."""
+    reply = parse_reply(text, questions_model(k, num_options))
+    return [q.model_dump() for q in reply.questions] if reply else None
 
 
 def parse_answers(text: str | None, questions: list[dict]) -> list[str] | None:
     """One letter or "unsure" per question, or None when the reply is not a list of len(questions) answers."""
-    data = extract_json(text)
-    items = data.get("answers") if isinstance(data, dict) else data
-    if not isinstance(items, list) or len(items) != len(questions):
+    if not questions:
         return None
-    return [read_choice(a, q["options"]) or "unsure" for a, q in zip(items, questions)]
+    reply = parse_reply(text, answers_model(len(questions), len(questions[0]["options"])), questions=questions)
+    return list(reply.answers) if reply else None
 
 
 def grade(answers: list[str] | None, questions: list[dict] | None) -> tuple[float, dict[str, Any]]:
@@ -116,22 +154,9 @@ def grade(answers: list[str] | None, questions: list[dict] | None) -> tuple[floa
 
 
 # ---------------------------------------------------------------- the judge
-def _grade_batch(batch):
-    scores, details = [], []
-    for raw, skipped, qjson in zip(batch[RAW], batch[SKIPPED], batch[QUESTIONS]):
-        questions = json.loads(qjson) if qjson else None
-        if skipped:
-            score, detail = math.nan, {"error": skipped.split(" ")[0]}
-        else:
-            score, detail = grade(parse_answers(raw, questions) if questions else None, questions)
-        if math.isnan(score) and raw:
-            detail["raw"] = raw[:2000]  # what the judge said, to see why it did not parse
-        scores.append(score)
-        details.append(detail)
-    out = with_scores(batch, scores, details)
-    for k in (RAW, SKIPPED, QUESTIONS):
-        out.pop(k)
-    return out
+def _grade(raw: str, questions_json: str) -> tuple[float, dict[str, Any]]:
+    questions = json.loads(questions_json)  # never empty: a row without questions is not sent (see build)
+    return grade(parse_answers(raw, questions), questions)
 
 
 class QuizJudge:
@@ -155,7 +180,7 @@ class QuizJudge:
         blocks = num_blocks(len(items), self.llm.engine.concurrency)
         written = ask(ray.data.from_items(items, override_num_blocks=blocks), self.llm,
                       build=lambda row: question_messages(row[S.SOURCE], quiz),
-                      schema=questions_schema(quiz.num_questions, quiz.num_options),
+                      reply=questions_model(quiz.num_questions, quiz.num_options),
                       max_tokens=self.llm.max_tokens).take_all()
         questions = {}
         for r in written:
@@ -175,9 +200,9 @@ class QuizJudge:
 
         # ~8 tokens per answer is plenty for {"answers": ["A", "unsure", ...]}.
         answered = ask(ds.map_batches(attach, num_cpus=0.25), self.llm, build=build,
-                       schema=answers_schema(quiz.num_questions, quiz.num_options),
+                       reply=answers_model(quiz.num_questions, quiz.num_options),
                        max_tokens=min(self.llm.max_tokens, 16 + 8 * quiz.num_questions))
-        return answered.map_batches(_grade_batch, num_cpus=0.25)
+        return answered.map_batches(score_replies, fn_args=(_grade, QUESTIONS), num_cpus=0.25)
 
     def summary(self, details: list[dict]) -> dict:
         graded = [d for d in details if "correct" in d]

@@ -11,66 +11,93 @@ scale. n responses per prompt cost n x (n - 1) judge calls.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import Counter, defaultdict
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from common import schema as S
 from common.config import LLMJudgeConfig, RubricConfig
 from common.data import num_blocks
 from common.judges.base import with_scores
-from common.judges.llm import RAW, SKIPPED, ask, extract_json, llm_asks
+from common.judges.llm import RAW, SKIPPED, ask, llm_asks, parse_reply, score_replies
 from common.ray_setup import Ask
 
 RATING_FORMAT = '\n\nReply with JSON only: {{"score": <an integer from 1 to {scale_max}>}}'
 VERDICT_FORMAT = ('\n\nReply with JSON only: {"winner": "A"} or {"winner": "B"}, or {"winner": "tie"} if neither is'
                   ' better.')
 _A, _B = "_rubric_a", "_rubric_b"
+_VERDICTS = {"a": "A", "b": "B", "tie": "tie", "neither": "tie", "equal": "tie"}
 
 
-def rating_schema(scale_max: int) -> dict:
-    return {"type": "object", "properties": {"score": {"type": "integer", "enum": list(range(1, scale_max + 1))}},
-            "required": ["score"], "additionalProperties": False}
+# ---------------------------------------------------------------- the replies, as pydantic models
+def _whole_number(value: Any) -> int | None:
+    try:
+        f = float(str(value).strip())
+    except ValueError:
+        return None
+    return int(f) if math.isfinite(f) and f.is_integer() else None
 
 
-VERDICT_SCHEMA = {"type": "object", "properties": {"winner": {"type": "string", "enum": ["A", "B", "tie"]}},
-                  "required": ["winner"], "additionalProperties": False}
+def _read_rating(data: Any, scale_max: int) -> int | None:
+    """JSON {"score"|"rating": n} ("8" and 8.0 read as 8), else prose: "score: n", "n/10", "n out of 10", or a
+    reply that is just the number. Never the first number of some prose (it may be quoted)."""
+    if isinstance(data, dict):
+        key = next((k for k in ("score", "rating", "Score", "Rating") if k in data), None)
+        return None if key is None else _whole_number(data[key])
+    if not isinstance(data, str):
+        return None
+    for pattern in (r"^\**(\d+(?:\.0)?)\**\.?$", r"(?:score|rating)\W{0,4}(\d+(?:\.0)?)\b",
+                    rf"\b(\d+(?:\.0)?)\s*(?:/|out of)\s*{scale_max}\b"):
+        m = re.search(pattern, data.strip(), re.I)
+        if m:
+            return _whole_number(m.group(1))
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def rating_model(scale_max: int) -> type[BaseModel]:
+    """The pointwise reply: {"score": n}, n in 1..scale_max (read from what judges write: see _read_rating)."""
+    class Rating(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        score: Literal[tuple(range(1, scale_max + 1))]  # type: ignore[valid-type]
+
+        @model_validator(mode="before")
+        @classmethod
+        def _read(cls, data: Any) -> Any:
+            return {"score": _read_rating(data, scale_max)}
+
+    return Rating
+
+
+class Verdict(BaseModel):
+    """The pairwise reply: {"winner": "A" | "B" | "tie"}; also read under "better", and from plain replies such as
+    "A", "Summary B", "**A**", "Neither" (a tie)."""
+    model_config = ConfigDict(extra="forbid")
+    winner: Literal["A", "B", "tie"]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read(cls, data: Any) -> Any:
+        value = data.get("winner", data.get("better")) if isinstance(data, dict) else data
+        s = re.sub(r"^(summary|response|answer|option)\s+", "", str(value or "").strip().strip("*.\"' ").lower())
+        return {"winner": _VERDICTS.get(s)}
 
 
 # ---------------------------------------------------------------- parsing (pure, unit-tested)
 def parse_rating(text: str | None, scale_max: int) -> float:
-    """The rating in 1..scale_max, or NaN. JSON {"score"|"rating": n} first, then "score: n", "n/10",
-    "n out of 10", or a reply that is just the number. Never the first number of some prose (it may be quoted)."""
-    def ok(v: Any) -> float:
-        try:
-            f = float(str(v).strip())
-        except ValueError:
-            return math.nan
-        return f if f == int(f) and 1 <= f <= scale_max else math.nan
-
-    data = extract_json(text)
-    if isinstance(data, dict):
-        for key in ("score", "rating", "Score", "Rating"):
-            if key in data:
-                return ok(data[key])
-        return math.nan
-    t = (text or "").strip()
-    for pat in (r"^\**(\d+(?:\.0)?)\**\.?$", r"(?:score|rating)\W{0,4}(\d+(?:\.0)?)\b",
-                rf"\b(\d+(?:\.0)?)\s*(?:/|out of)\s*{scale_max}\b"):
-        m = re.search(pat, t, re.I)
-        if m:
-            return ok(m.group(1))
-    return math.nan
+    """The rating in 1..scale_max (see rating_model), or NaN."""
+    reply = parse_reply(text, rating_model(scale_max))
+    return float(reply.score) if reply else math.nan
 
 
 def parse_verdict(text: str | None) -> str | None:
-    """"A", "B", "tie" or None. JSON {"winner": ...} first, then replies like "A", "Summary B", "Tie"."""
-    data = extract_json(text)
-    value = data.get("winner", data.get("better")) if isinstance(data, dict) else text
-    s = str(value or "").strip().strip("*.\"' ").lower()
-    s = re.sub(r"^(summary|response|answer|option)\s+", "", s)
-    return {"a": "A", "b": "B", "tie": "tie", "neither": "tie", "equal": "tie"}.get(s)
+    """"A", "B", "tie" (see Verdict) or None."""
+    reply = parse_reply(text, Verdict)
+    return reply.winner if reply else None
 
 
 def combine_orders(first: str | None, second: str | None) -> str:
@@ -105,20 +132,10 @@ def win_shares(outcomes: list[tuple[str, str, str]]) -> dict[str, dict[str, Any]
 
 
 # ---------------------------------------------------------------- the judge
-def _rate_batch(batch, scale_max: int):
-    scores, details = [], []
-    for raw, skipped in zip(batch[RAW], batch[SKIPPED]):
-        score = math.nan if skipped else parse_rating(raw, scale_max)
-        detail: dict[str, Any] = {"rating": None if math.isnan(score) else int(score)}
-        if skipped:
-            detail["error"] = skipped
-        elif math.isnan(score):
-            detail.update(error="rating_unparseable", raw=raw[:2000])
-        scores.append(score)
-        details.append(detail)
-    out = with_scores(batch, scores, details)
-    out.pop(RAW), out.pop(SKIPPED)
-    return out
+def _rate(raw: str, scale_max: int) -> tuple[float, dict[str, Any]]:
+    score = parse_rating(raw, scale_max)
+    return (math.nan, {"rating": None, "error": "rating_unparseable"}) if math.isnan(score) else \
+        (score, {"rating": int(score)})
 
 
 class RubricJudge:
@@ -139,8 +156,9 @@ class RubricJudge:
             text = rubric.prompt.format(source=row[S.SOURCE], response=row[S.RESPONSE], scale_max=rubric.scale_max)
             return [{"role": "user", "content": text + RATING_FORMAT.format(scale_max=rubric.scale_max)}]
 
-        rated = ask(ds, self.llm, build=build, schema=rating_schema(rubric.scale_max), max_tokens=self.llm.max_tokens)
-        return rated.map_batches(_rate_batch, fn_kwargs=dict(scale_max=rubric.scale_max), num_cpus=0.25)
+        rated = ask(ds, self.llm, build=build, reply=rating_model(rubric.scale_max), max_tokens=self.llm.max_tokens)
+        read = functools.partial(_rate, scale_max=rubric.scale_max)
+        return rated.map_batches(score_replies, fn_args=(read,), num_cpus=0.25)
 
     def _pairwise(self, ds):
         """The comparisons run now (they need every response of a prompt at once); the returned Dataset is lazy."""
@@ -169,7 +187,7 @@ class RubricJudge:
         if items:
             blocks = num_blocks(len(items), self.llm.engine.concurrency)
             for r in ask(ray.data.from_items(items, override_num_blocks=blocks), self.llm, build=build,
-                         schema=VERDICT_SCHEMA, max_tokens=min(self.llm.max_tokens, 16)).take_all():
+                         reply=Verdict, max_tokens=min(self.llm.max_tokens, 16)).take_all():
                 verdicts[(r[S.PROMPT_ID], r[_A], r[_B])] = None if r[SKIPPED] else parse_verdict(r[RAW])
         shares: dict[str, dict[str, dict]] = {}
         kinds: Counter = Counter()
