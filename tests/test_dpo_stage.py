@@ -185,15 +185,15 @@ def test_policy_trains_in_train_mode_without_dropout_and_checkpoints_activations
     import torch
 
     from common.config import load_config
-    from common.train_loop import _build_model
+    from common.train_loop import build_model
 
     sets = ["train_path=x", "gradient_checkpointing=true", "lora_config.lora_dropout=0.1"]
-    model = _build_model(load_config("03_dpo_train", str(CONFIG), sets), torch.bfloat16)
+    model = build_model(load_config("03_dpo_train", str(CONFIG), sets), torch.bfloat16)
     assert model.training and model.is_gradient_checkpointing
     dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     assert dropouts and all(m.p == 0.0 for m in dropouts)
     ids = torch.tensor([[1, 9690, 198, 2]])
     model(ids).logits.float().sum().backward()  # checkpointed backward runs with LoRA's frozen embeddings
     assert any(p.grad is not None for p in model.parameters() if p.requires_grad)
-    plain = _build_model(load_config("03_dpo_train", str(CONFIG), ["train_path=x"]), torch.bfloat16)
+    plain = build_model(load_config("03_dpo_train", str(CONFIG), ["train_path=x"]), torch.bfloat16)
     assert plain.training and not plain.is_gradient_checkpointing
