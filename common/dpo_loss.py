@@ -234,6 +234,7 @@ def model_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lo
     ids, mask = input_ids[:, width - keep:], loss_mask[:, width - keep:]
     logps, num_tokens = sequence_logps(logits, ids, mask)
     scored = mask[:, 1:].float()  # logits at t predict token t + 1, as in sequence_logps
-    per_position = logits.detach()[:, :-1].mean(dim=-1, dtype=torch.float32)
+    # Row by row, as in sequence_logps: one float32 copy of the whole [B, T, V] would double the logits' memory.
+    per_position = torch.stack([row[:-1].float().mean(dim=-1) for row in logits.detach()])
     logits_mean = (per_position * scored).sum(dim=1) / scored.sum(dim=1).clamp(min=1)
     return logps, num_tokens, logits_mean

@@ -197,3 +197,18 @@ def test_policy_trains_in_train_mode_without_dropout_and_checkpoints_activations
     assert any(p.grad is not None for p in model.parameters() if p.requires_grad)
     plain = build_model(load_config("03_dpo_train", str(CONFIG), ["train_path=x"]), torch.bfloat16)
     assert plain.training and not plain.is_gradient_checkpointing
+
+
+def test_lora_config_reaches_peft_as_is_and_a_typo_names_the_closest_key():
+    """`lora_config` is peft's LoraConfig: a key we do not list (use_rslora) is passed through unchanged; a key peft
+    does not know is one line naming the closest one."""
+    import peft
+
+    from common.config import load_config
+    from common.errors import UserError
+
+    cfg = load_config("03_dpo_train", str(CONFIG), ["lora_config.use_rslora=true", "lora_config.r=4"])
+    lc = peft.LoraConfig(**cfg.lora_config.model_dump())
+    assert lc.use_rslora is True and lc.r == 4 and lc.lora_alpha == 16
+    with pytest.raises(UserError, match=r"unknown key 'use_rslorra' \(did you mean 'lora_config.use_rslora'\?\)"):
+        load_config("03_dpo_train", str(CONFIG), ["lora_config.use_rslorra=true"])
