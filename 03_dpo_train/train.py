@@ -6,27 +6,33 @@
 
 Pipeline: pairs (stage 2, or your own TRL-format `train_path`) -> tokenise (common.tokenize, one function for the
 reference and the trainer) -> reference log-probs from a `map_batches` actor pool sized by
-`preference_tuning_config.logprob_processor_scaling_config` -> streamed into `num_devices` TorchTrainer workers via
-`get_dataset_shard`. Reference log-probs are cached per (reference model, data, tokenisation) fingerprint beside the
-pairs, so reruns skip the reference pool. Writes `<output_dir>/03_dpo_train/`: the merged model (`model/`, loads in
-transformers and vLLM), the LoRA adapter (`adapter/`), per-step metrics and training curves, manifest.json.
+`preference_tuning_config.logprob_processor_scaling_config` (common.reference) -> streamed into `num_devices`
+TorchTrainer workers via `get_dataset_shard` (the worker loop: common.train_loop). Reference log-probs are cached per
+(reference model, data, tokenisation) fingerprint beside the pairs, so reruns skip the reference pool. Writes
+`<output_dir>/03_dpo_train/`: the merged model (`model/`, loads in transformers and vLLM), the LoRA adapter
+(`adapter/`), per-step metrics and training curves, manifest.json.
 """
+import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import schema as S  # noqa: E402
-from common.config import require_model  # noqa: E402
-from common.dpo import (load_pairs, plan, reference_cache, tokenize_pairs, train,  # noqa: E402
-                        write_reference_cache)
-from common.errors import cli  # noqa: E402
+from common.config import config_hash, require_model  # noqa: E402
+from common.dpo import (load_pairs, plan, read_train_result, reference_cache, tokenize_pairs,  # noqa: E402
+                        with_cached_logps, write_reference_cache)
+from common.errors import UserError, cli  # noqa: E402
 from common.io import StageOutput, read_manifest  # noqa: E402
 from common.plots import plot_training_curves  # noqa: E402
 from common.ray_setup import check_fits, init_ray, print_plan  # noqa: E402
+from common.reference import add_reference_logps  # noqa: E402
 from common.stage import parse  # noqa: E402
 
 STAGE = "03_dpo_train"
+# How a run is kept and logged, not what it learns: changing them neither redoes the output nor loses checkpoints.
+NOT_HASHED = ("num_checkpoints_to_keep", "max_failures", "logging_steps")
 
 
 @cli
@@ -41,38 +47,77 @@ def main() -> None:
     ref = require_model(cfg.reference_model_id or cfg.model_id, "reference_model_id")
     upstream = None if cfg.train_path else read_manifest(cfg.input_dir, "02_judge")
     pairs, source = load_pairs(cfg, upstream)
-    out = StageOutput(cfg, STAGE, upstream=source, force=args.force,
-                      exclude_from_hash=("num_checkpoints_to_keep", "max_failures", "logging_steps"))
+    out = StageOutput(cfg, STAGE, upstream=source, force=args.force, exclude_from_hash=NOT_HASHED)
     if out.reusable():
         return
 
     init_ray(cfg.ray)
+    # Imported once there is work to do: Ray Train after init_ray's environment, torch not at all for a dry run.
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from common.train_loop import train_loop_per_worker
+
     tokenized, drops = tokenize_pairs(pairs, cfg, policy, where=args.config)
+    num_pairs = tokenized.count()
+
+    # Ray Train's checkpoints and the metrics log: a rerun of the same config after a crash resumes from here.
+    work = out.work_dir()  # marked as this stage's own; --force starts it over
+    shutil.rmtree(work / "reference_actors", ignore_errors=True)  # provenance of this run's actors only
+    error_file = work / "error.txt"
+    error_file.unlink(missing_ok=True)
+
+    # Reference log-probs: the cache if it covers every pair, else the actor pool, streamed into the trainers.
     cache = reference_cache(cfg, ref, source, upstream)
-    # work_dir(): Ray Train's checkpoints, marked as this stage's; it already starts over on --force
-    result = train(cfg, tokenized, cache, policy, ref, work=out.work_dir(), force=False)
+    train_ds = with_cached_logps(tokenized, cache) if cache.hit else None
+    if train_ds is None:
+        cache = replace(cache, hit=False)
+        shutil.rmtree(cache.tmp, ignore_errors=True)
+        train_ds = add_reference_logps(tokenized, cfg, ref, provenance_dir=str(work / "reference_actors"))
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg.model_copy(update={"model_id": policy}).model_dump(mode="json"), "num_pairs": num_pairs,
+            "metrics_file": str(work / "metrics.jsonl"), "error_file": str(error_file),
+            "ref_cache_tmp": None if cache.hit else str(cache.tmp),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_devices, use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.num_cpus_per_worker, **cfg.worker_resources}),
+        run_config=RunConfig(
+            name=f"dpo-{config_hash(cfg, *NOT_HASHED)}",  # the same name on a rerun: it finds its checkpoints
+            storage_path=str(work / "ray"),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=cfg.max_failures)),
+        datasets={"train": train_ds},
+    )
+    fit = trainer.fit()
+    if error_file.exists():  # a worker stopped on bad input (a non-finite loss): retrying would not help
+        raise UserError(f"{STAGE}: {error_file.read_text()}")
+    if fit.error:
+        raise fit.error
+    result = read_train_result(work, Path(fit.checkpoint.path), num_pairs, cfg.logging_steps)
 
     out.begin()
-    final = result.pop("final_dir")
     for name in ("model", "adapter"):
-        if (final / name).exists():
-            (final / name).rename(out.path(name))
-    result["metrics_file"].rename(out.path("metrics.jsonl"))
-    cache_hit = cache["hit"]
-    if not cache_hit:
-        write_reference_cache(cache, result["num_pairs"])
+        if (result.final_dir / name).exists():
+            (result.final_dir / name).rename(out.path(name))
+    result.metrics_file.rename(out.path("metrics.jsonl"))
+    if not cache.hit:
+        write_reference_cache(cache, num_pairs)
     plot_training_curves(out.path("metrics.jsonl"), out.path("training_curves.png"))
     tokenized.select_columns([S.PAIR_ID]).write_parquet(str(out.data))  # which pairs were trained on
-    stats = {"pairs_in": len(pairs), "pairs_trained": result["num_pairs"], "dropped": drops,
-             "reference_cache": "hit" if cache_hit else "computed", **result["stats"]}
+    stats = {"pairs_in": len(pairs), "pairs_trained": num_pairs, "dropped": drops,
+             "reference_cache": "hit" if cache.hit else "computed", **result.stats}
     manifest = out.commit(
-        rows={"pairs_trained": result["num_pairs"]}, stats=stats,
+        rows={"pairs_trained": num_pairs}, stats=stats,
         model=str(out.final / "model"), adapter=str(out.final / "adapter") if cfg.lora_config else None,
         metrics_file=str(out.final / "metrics.jsonl"), curves=str(out.final / "training_curves.png"),
-        reference_cache=str(cache["path"]))
-    result["cleanup"]()
+        reference_cache=str(cache.path))
+    shutil.rmtree(work, ignore_errors=True)  # the output is complete: its checkpoints are no longer needed
     f = stats["final_metrics"]
-    print(f"[{STAGE}] trained on {result['num_pairs']} pairs ({sum(drops.values())} dropped: {drops}) for "
+    print(f"[{STAGE}] trained on {num_pairs} pairs ({sum(drops.values())} dropped: {drops}) for "
           f"{cfg.num_epochs} epoch(s), {f.get('step')} steps: final loss {f.get('loss', float('nan')):.4f}, "
           f"reward accuracy {f.get('rewards/accuracies', float('nan')):.2f}, margin "
           f"{f.get('rewards/margins', float('nan')):+.3f}; reference log-probs {stats['reference_cache']}; "

@@ -6,7 +6,7 @@
 
 Same model (models/smollm2-135m-instruct, bf16), same pairs (ACLSum-derived, the recipe of
 tests/test_dpo_stage.py::write_pairs), same batch size (4 pairs), same max length (512), same LoRA setting (the
-quickstart's r=8 on all projections, built by the same `common.train_loop._build_model`), same 2 cores, 1 epoch:
+quickstart's r=8 on all projections, built by the same `common.train_loop.build_model`), same 2 cores, 1 epoch:
 
   (1) epoch wall time, ours / TRL, LoRA (the quickstart setting)                target <= 0.8x
   (2) trainer-process peak RSS for full fine-tuning (lora_config: null), ours / TRL     target <= 0.6x
@@ -71,7 +71,7 @@ def trl_worker(args) -> None:
     from trl import DPOConfig, DPOTrainer
 
     from common.config import load_config
-    from common.train_loop import _build_model
+    from common.train_loop import build_model
 
     rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     sets = [f"train_path={args.pairs_file}", f"num_epochs={args.epochs}"]
@@ -87,7 +87,7 @@ def trl_worker(args) -> None:
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     # The very model stage 3 trains: same dtype, same peft LoRA construction (or the plain model for full FT).
-    model = _build_model(cfg, getattr(torch, cfg.dtype))
+    model = build_model(cfg, getattr(torch, cfg.dtype))
     rows = []
     for line in open(args.pairs_file):
         r = json.loads(line)

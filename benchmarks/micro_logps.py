@@ -54,13 +54,13 @@ def worker(args) -> None:
     from common.config import load_config
     from common.dpo_loss import dpo_loss, sequence_logps
     from common.tokenize import collate_pairs, load_tokenizer, tokenize_pair
-    from common.train_loop import _build_model
+    from common.train_loop import build_model
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     sets = ["train_path=x"] + (["lora_config=null"] if args.full else [])
     cfg = load_config("03_dpo_train", str(REPO / "configs/quickstart/03_dpo_train.yaml"), sets)
-    model = _build_model(cfg, getattr(torch, cfg.dtype))
+    model = build_model(cfg, getattr(torch, cfg.dtype))
     tok = load_tokenizer(cfg.model_id)
     rows = [json.loads(line) for line in open(REPO / "data/aclsum/test.jsonl")][args.offset:args.offset + 4]
     pairs = []

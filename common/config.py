@@ -274,6 +274,10 @@ class PreferenceTuningConfig(Base):
 
 
 class LoraConfig(Base):
+    """peft's `LoraConfig`, handed to it as is (`peft.LoraConfig(**lora_config)`). The keys below carry the recipe's
+    defaults; any other key peft's LoraConfig takes (use_dora, use_rslora, rank_pattern, ...) is passed through."""
+
+    model_config = ConfigDict(extra="allow")
     r: int = Field(default=8, gt=0)
     lora_alpha: int = Field(default=16, gt=0)
     lora_dropout: float = Field(default=0.0, ge=0, lt=1)
@@ -281,6 +285,24 @@ class LoraConfig(Base):
     task_type: Literal["CAUSAL_LM"] = "CAUSAL_LM"
     bias: Literal["none", "all", "lora_only"] = "none"
     modules_to_save: list[str] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _peft_keys(cls, data):
+        extra = sorted(set(data) - set(cls.model_fields)) if isinstance(data, dict) else []
+        if not extra:
+            return data
+        import dataclasses
+
+        import peft  # only for keys beyond ours: it imports torch
+
+        valid = [f.name for f in dataclasses.fields(peft.LoraConfig) if f.init]
+        for key in extra:
+            if key not in valid:
+                close = difflib.get_close_matches(key, valid, n=1)
+                hint = f"did you mean 'lora_config.{close[0]}'?" if close else "not a key of peft's LoraConfig"
+                raise ValueError(f"unknown key '{key}' ({hint})")
+        return data
 
 
 class DPOStageConfig(StageBase):

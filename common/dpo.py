@@ -1,6 +1,6 @@
-"""Stage 3's driver side: load pairs, tokenise, decide on the reference cache, run the TorchTrainer.
-
-The worker side is common.train_loop; the reference actors are common.reference.
+"""Stage 3's driver-side library: the resource plan, the pairs, their tokenisation, the reference log-prob cache
+and the summary of a finished run. The order of work is the recipe's (03_dpo_train/train.py); the Ray Train worker
+is common.train_loop, the reference actors are common.reference.
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -120,9 +121,20 @@ def _model_identity(path: str) -> str:
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
 
-def reference_cache(cfg: DPOStageConfig, ref_path: str, source: dict, upstream: dict | None) -> dict:
-    """Where the reference log-probs of this (reference model, data, tokenisation) live, and whether they exist.
-    Beside the pairs for stage-2 input (a rerun of stage 2 replaces both), under output_dir for `train_path`."""
+@dataclass(frozen=True)
+class ReferenceCache:
+    """Where the reference log-probs of one (reference model, data, tokenisation) live. `tmp` collects the workers'
+    shares while they train; `hit`: the file exists and will be used instead of the reference pool."""
+
+    fingerprint: str
+    path: Path
+    tmp: Path
+    hit: bool
+
+
+def reference_cache(cfg: DPOStageConfig, ref_path: str, source: dict, upstream: dict | None) -> ReferenceCache:
+    """The cache for this run's reference log-probs, and whether it exists. Beside the pairs for stage-2 input (a
+    rerun of stage 2 replaces both), under output_dir for `train_path`."""
     ptc = cfg.preference_tuning_config
     key = json.dumps({
         "model": _model_identity(ref_path), "data": source["fingerprint"], "dtype": cfg.dtype,
@@ -132,80 +144,49 @@ def reference_cache(cfg: DPOStageConfig, ref_path: str, source: dict, upstream: 
     fp = hashlib.sha256(key.encode()).hexdigest()[:16]
     root = Path(upstream["dir"]) if upstream else resolve(cfg.output_dir)
     path = root / "ref_logps" / f"{fp}.parquet"
-    return {"fingerprint": fp, "path": path, "hit": path.exists(), "tmp": root / "ref_logps" / f".{fp}.parts"}
+    return ReferenceCache(fingerprint=fp, path=path, tmp=root / "ref_logps" / f".{fp}.parts", hit=path.exists())
 
 
-def write_reference_cache(cache: dict, num_pairs: int) -> None:
-    """Assemble the workers' shares into one file, only if every trained pair is covered exactly once."""
-    parts = sorted(cache["tmp"].glob("rank-*.parquet"))
-    if not parts:
-        return
-    df = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
-    if len(df) == num_pairs and df[S.PAIR_ID].is_unique:
-        tmp = cache["path"].with_suffix(".tmp")
-        df.to_parquet(tmp)
-        os.replace(tmp, cache["path"])
-    shutil.rmtree(cache["tmp"], ignore_errors=True)
-
-
-def _with_cached_logps(tokenized, cache_path: Path):
+def with_cached_logps(tokenized, cache: ReferenceCache):
+    """The tokenised pairs joined with the cached reference log-probs, or None if the cache misses any pair."""
     import ray
 
-    ref = pd.read_parquet(cache_path)
+    ref = pd.read_parquet(cache.path)
     df = tokenized.to_pandas().merge(ref, on=S.PAIR_ID, how="left", validate="one_to_one")
     if df[S.REF_CHOSEN_LOGPS].isna().any():
-        return None  # the cache does not cover these pairs: recompute
+        return None
     df[S.REF_PID] = -1  # from the cache, no process computed them in this run
     return ray.data.from_items(df.to_dict("records"), override_num_blocks=tokenized.num_blocks())
 
 
-def train(cfg: DPOStageConfig, tokenized, cache: dict, policy: str, ref: str, work: Path, force: bool) -> dict:
-    """Run the TorchTrainer. `work` holds Ray Train's checkpoints and the metrics log: a rerun after a crash with the
-    same config resumes from the latest checkpoint there."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+def write_reference_cache(cache: ReferenceCache, num_pairs: int) -> None:
+    """Assemble the workers' shares into one file, only if every trained pair is covered exactly once."""
+    parts = sorted(cache.tmp.glob("rank-*.parquet"))
+    if not parts:
+        return
+    df = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    if len(df) == num_pairs and df[S.PAIR_ID].is_unique:
+        tmp = cache.path.with_suffix(".tmp")
+        df.to_parquet(tmp)
+        os.replace(tmp, cache.path)
+    shutil.rmtree(cache.tmp, ignore_errors=True)
 
-    from common.config import config_hash
-    from common.reference import add_reference_logps
-    from common.train_loop import train_loop_per_worker
 
-    if force:
-        shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(work / "reference_actors", ignore_errors=True)
-    num_pairs = tokenized.count()
-    ds = _with_cached_logps(tokenized, cache["path"]) if cache["hit"] else None
-    if ds is None:
-        cache["hit"] = False
-        shutil.rmtree(cache["tmp"], ignore_errors=True)
-        ds = add_reference_logps(tokenized, cfg, ref, provenance_dir=str(work / "reference_actors"))
-    run_cfg = cfg.model_copy(update={"model_id": policy})
-    name = f"dpo-{config_hash(cfg, 'num_checkpoints_to_keep', 'max_failures', 'logging_steps')}"
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "cfg": run_cfg.model_dump(mode="json"), "num_pairs": num_pairs,
-            "metrics_file": str(work / "metrics.jsonl"), "error_file": str(work / "error.txt"),
-            "ref_cache_tmp": None if cache["hit"] else str(cache["tmp"]),
-        },
-        scaling_config=ScalingConfig(
-            num_workers=cfg.num_devices, use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.num_cpus_per_worker, **cfg.worker_resources}),
-        run_config=RunConfig(
-            name=name, storage_path=str(work / "ray"),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_checkpoints_to_keep),
-            failure_config=FailureConfig(max_failures=cfg.max_failures)),
-        datasets={"train": ds},
-    )
-    error_file = work / "error.txt"
-    error_file.unlink(missing_ok=True)
-    result = trainer.fit()
-    if error_file.exists():
-        raise UserError(f"03_dpo_train: {error_file.read_text()}")
-    if result.error:
-        raise result.error
-    final = Path(result.checkpoint.path)
-    metrics = [json.loads(line) for line in open(work / "metrics.jsonl")] if (work / "metrics.jsonl").exists() else []
+@dataclass(frozen=True)
+class TrainResult:
+    """What one TorchTrainer run left behind: the final checkpoint (`model/`, `adapter/`), the rank-0 metrics log
+    (already averaged over workers) and the stats the manifest records."""
+
+    final_dir: Path
+    metrics_file: Path
+    num_pairs: int
+    stats: dict
+
+
+def read_train_result(work: Path, final_dir: Path, num_pairs: int, logging_steps: int) -> TrainResult:
+    """Summarise a finished run from its metrics log and the reference actors' provenance files in `work`."""
+    metrics_file = work / "metrics.jsonl"
+    metrics = [json.loads(line) for line in open(metrics_file)] if metrics_file.exists() else []
     stats = {
         "steps": metrics[-1]["step"] if metrics else 0,
         "final_metrics": metrics[-1] if metrics else {},
@@ -213,10 +194,9 @@ def train(cfg: DPOStageConfig, tokenized, cache: dict, policy: str, ref: str, wo
         "step0_max_abs_logp_diff": next((m["step0_max_abs_logp_diff"] for m in metrics
                                          if "step0_max_abs_logp_diff" in m), None),
         "ref_wait_seconds": sum(m.get("ref_wait_seconds", 0.0) for m in metrics),
-        "train_seconds": sum(m.get("step_seconds", 0.0) * cfg.logging_steps for m in metrics),
+        "train_seconds": sum(m.get("step_seconds", 0.0) * logging_steps for m in metrics),
         # where the reference ran: one entry per actor process (a restarted actor adds one)
         "reference_actors": [json.loads(f.read_text()) for f in sorted((work / "reference_actors").glob("*.json"))],
         "trainer_pids": sorted({m["trainer_pid"] for m in metrics if "trainer_pid" in m}),
     }
-    return {"final_dir": final, "num_pairs": num_pairs, "metrics_file": work / "metrics.jsonl", "stats": stats,
-            "cleanup": lambda: shutil.rmtree(work, ignore_errors=True)}
+    return TrainResult(final_dir=final_dir, metrics_file=metrics_file, num_pairs=num_pairs, stats=stats)

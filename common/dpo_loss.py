@@ -217,8 +217,9 @@ def supports_logits_to_keep(model) -> bool:
 
 def model_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
                 window: bool = True):
-    """Forward pass + `sequence_logps`: (summed_logps, num_tokens, logits, loss_mask) with the last two cut to the
-    positions the logits cover.
+    """Forward pass + `sequence_logps`: (summed_logps, num_tokens, logits_mean), each [B]. `logits_mean` is the
+    detached mean logit (over the vocabulary and the positions that predict a response token) of each sequence,
+    for TRL's `logits/chosen` and `logits/rejected`.
 
     With `window`, the LM head runs only on the trailing positions that hold a response token or predict one
     (`logits_to_keep`): the prompt's logits are never used, and with a 49k vocabulary they are a large share of the
@@ -232,4 +233,8 @@ def model_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lo
     logits = model(input_ids, attention_mask=attention_mask, **kwargs).logits
     ids, mask = input_ids[:, width - keep:], loss_mask[:, width - keep:]
     logps, num_tokens = sequence_logps(logits, ids, mask)
-    return logps, num_tokens, logits, mask
+    scored = mask[:, 1:].float()  # logits at t predict token t + 1, as in sequence_logps
+    # Row by row, as in sequence_logps: one float32 copy of the whole [B, T, V] would double the logits' memory.
+    per_position = torch.stack([row[:-1].float().mean(dim=-1) for row in logits.detach()])
+    logits_mean = (per_position * scored).sum(dim=1) / scored.sum(dim=1).clamp(min=1)
+    return logps, num_tokens, logits_mean

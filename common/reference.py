@@ -19,7 +19,6 @@ import numpy as np
 from common import schema as S
 
 
-
 def _record_provenance(folder: str | None) -> None:
     """One small JSON per actor process: its pid and the Ray resources it was given (stage 3 reports them)."""
     if not folder:
@@ -69,7 +68,7 @@ class ReferenceLogProbProcessor:
         ids, attn, mask = collate_pairs(batch[S.PROMPT_IDS], batch[S.CHOSEN_IDS], batch[S.REJECTED_IDS], self.pad_id)
         dev = self.model.device
         with self.torch.inference_mode():
-            logps, ntok, _, _ = model_logps(self.model, ids.to(dev), attn.to(dev), mask.to(dev), self.window)
+            logps, ntok, _ = model_logps(self.model, ids.to(dev), attn.to(dev), mask.to(dev), self.window)
         b = len(batch[S.PROMPT_IDS])
         logps, ntok = logps.float().cpu().numpy(), ntok.cpu().numpy()
         return _out(batch, logps[:b], logps[b:], ntok[:b], ntok[b:])

@@ -1,11 +1,12 @@
 """The DPO training loop that runs in each Ray Train worker. It never loads the reference model: reference log-probs
 arrive with every batch from the reference actor pool (common.reference), through `get_dataset_shard`.
 
-Per step: concatenated forward of prompt+chosen and prompt+rejected (one batch of 2B rows), summed response
-log-probs (common.dpo_loss.model_logps, the same function the reference actors use), the DPO loss, backward,
-clip, step. Epoch 1 streams from the reference pool; the worker keeps its shard's rows, so later epochs reuse the
-reference log-probs instead of recomputing them. Checkpoints hold the adapter (or full weights), the optimizer and
-the position; after a worker failure Ray Train restarts the group from the latest one.
+`train_loop_per_worker` reads top to bottom: `setup` (model, optimizer, LR schedule, resume from the latest
+checkpoint), then per epoch `Feed.batches` (epoch 1 streams from the reference pool; the worker keeps its shard's
+rows, so later epochs reuse the reference log-probs instead of recomputing them), `forward_loss` + backward and
+`optimizer_step` per step, `MetricsLog.write` (averaged over workers, rank 0 writes) and `report` (checkpoints: the
+adapter or full weights, the optimizer and the position). After a worker failure Ray Train restarts the group from
+the latest checkpoint, and the resumed epoch skips the pairs it had already trained on.
 """
 from __future__ import annotations
 
@@ -17,20 +18,124 @@ import random
 import tempfile
 import threading
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from common import schema as S
+from common.config import DPOStageConfig
 from common.dpo_loss import dpo_loss, dpo_metrics, model_logps, supports_logits_to_keep
 from common.tokenize import collate_pairs
 
 BATCH_COLUMNS = [S.PROMPT_IDS, S.CHOSEN_IDS, S.REJECTED_IDS, S.REF_CHOSEN_LOGPS, S.REF_REJECTED_LOGPS, S.PAIR_ID,
                  S.REF_PID]
+# Our schedule names -> transformers'. Ours warm up before every schedule, constant included.
+LR_SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
-def _build_model(cfg, dtype):
+class NonFiniteLoss(Exception):
+    """Raised on every rank at once; rank 0 hands the message to the driver, which prints it as one line."""
+
+
+@dataclass
+class Progress:
+    """Where training is; saved in every checkpoint. `done_ids`: the pairs the current epoch has trained on."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    done_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """One worker's training set-up, as `setup` builds it; only `progress` changes while training."""
+
+    cfg: DPOStageConfig
+    rank: int
+    world: int
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    params: list[torch.nn.Parameter]
+    device: torch.device
+    head_window: bool  # the model takes `logits_to_keep` (see common.dpo_loss.model_logps)
+    pad_id: int
+    steps_per_epoch: int
+    total_steps: int
+    progress: Progress
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """One micro-batch's forward: the loss to backpropagate, and detached tensors for the metrics."""
+
+    loss: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    chosen_logits: torch.Tensor
+    rejected_logits: torch.Tensor
+    max_abs_logp_diff: torch.Tensor  # |policy - reference| log-prob, largest over the batch
+    tokens: int
+    pair_ids: list[str]
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train's entry point. `config`: the stage config (`cfg`, as JSON), `num_pairs`, `metrics_file`,
+    `error_file` (where rank 0 explains a stop the driver must not retry) and `ref_cache_tmp` (where each worker
+    leaves its share of the reference log-probs for the cache; None when they came from the cache)."""
+    import ray.train
+
+    cfg = DPOStageConfig.model_validate(config["cfg"])
+    run = setup(cfg, config["num_pairs"])
+    feed = Feed(cfg, ray.train.get_dataset_shard("train"))
+    log = MetricsLog(Path(config["metrics_file"]))
+    last: dict = {"step": run.progress.global_step}
+    for epoch in range(run.progress.epoch, cfg.num_epochs):
+        complete_pass = not run.progress.done_ids  # a resumed epoch sees only part of the shard
+        try:
+            last = train_epoch(run, feed, log, epoch) or last
+        except NonFiniteLoss as e:
+            if run.rank == 0:  # the driver turns this into one line and exit 2 (no retries: it would recur)
+                Path(config["error_file"]).write_text(str(e))
+            return
+        kept = feed.end_epoch(complete_pass)
+        if kept is not None and config.get("ref_cache_tmp"):
+            _write_ref_cache(kept, Path(config["ref_cache_tmp"]), run.rank)
+        run.progress = Progress(epoch=epoch + 1, global_step=run.progress.global_step)
+        report(run, last, merged=epoch + 1 == cfg.num_epochs)
+
+
+def train_epoch(run: Run, feed: Feed, log: MetricsLog, epoch: int) -> dict | None:
+    """One epoch (or what a resumed one has left): the metrics of its last logged step, None if it logged none.
+    Raises NonFiniteLoss."""
+    ga, p = run.cfg.gradient_accumulation_steps, run.progress
+    last, micro = None, 0
+    for rows in feed.batches(epoch, skip=set(p.done_ids), log=log):
+        p.done_ids.extend(str(r[S.PAIR_ID]) for r in rows)
+        out = forward_loss(run, rows)
+        check_finite(run, out, epoch)
+        if p.global_step == 0 and micro == 0:
+            log.step0_diff = step0_check(run, out)
+        (out.loss / ga).backward()
+        micro += 1
+        log.tokens += out.tokens
+        if micro % ga == 0:
+            last = optimizer_step(run, log, out, epoch) or last
+    if micro % ga:  # a last, partial accumulation: its gradients belong to this epoch's last step
+        last = optimizer_step(run, log, out, epoch) or last
+    return last
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+def build_model(cfg: DPOStageConfig, dtype: torch.dtype) -> torch.nn.Module:
+    """The policy in train mode: the SFT model, with peft's LoRA (`lora_config` as is) unless full fine-tuning."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(cfg.model_id, dtype=dtype)
@@ -40,10 +145,7 @@ def _build_model(cfg, dtype):
     if cfg.lora_config is not None:
         from peft import LoraConfig, get_peft_model
 
-        lc = cfg.lora_config
-        model = get_peft_model(model, LoraConfig(
-            r=lc.r, lora_alpha=lc.lora_alpha, lora_dropout=lc.lora_dropout, target_modules=lc.target_modules,
-            task_type=lc.task_type, bias=lc.bias, modules_to_save=lc.modules_to_save or None))
+        model = get_peft_model(model, LoraConfig(**cfg.lora_config.model_dump()))
     if cfg.disable_dropout:  # as TRL: dropout would make policy and reference disagree on the same pair
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
@@ -51,7 +153,109 @@ def _build_model(cfg, dtype):
     return model.train()  # from_pretrained returns eval mode, where gradient checkpointing is off
 
 
-def _drained(shard, bs: int, ref_done: threading.Event):
+def setup(cfg: DPOStageConfig, num_pairs: int) -> Run:
+    """Model (wrapped for DDP/FSDP by Ray Train), AdamW, the LR schedule; then the latest checkpoint, if Ray Train
+    restarted this worker group or a rerun found one."""
+    import ray.train
+    import ray.train.torch
+    from transformers import get_scheduler
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed + rank)
+    torch.set_num_threads(max(1, int(cfg.num_cpus_per_worker)))
+    model = build_model(cfg, getattr(torch, cfg.dtype))
+    head_window = supports_logits_to_keep(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    model = ray.train.torch.prepare_model(model, parallel_strategy=cfg.strategy)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    batches = math.ceil(num_pairs // world / cfg.train_batch_size_per_device)
+    steps_per_epoch = max(1, math.ceil(batches / cfg.gradient_accumulation_steps))
+    total_steps = steps_per_epoch * cfg.num_epochs
+    scheduler = get_scheduler(LR_SCHEDULES[cfg.lr_scheduler_type], optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=total_steps)
+    run = Run(cfg=cfg, rank=rank, world=world, model=model, optimizer=optimizer, scheduler=scheduler, params=params,
+              device=next(model.parameters()).device, head_window=head_window,
+              pad_id=getattr(model, "module", model).config.pad_token_id or 0, steps_per_epoch=steps_per_epoch,
+              total_steps=total_steps, progress=Progress())
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            run.progress = _load_state(Path(d), run)
+        if rank == 0:
+            print(f"[03_dpo_train] resumed from checkpoint at epoch {run.progress.epoch + 1}, "
+                  f"step {run.progress.global_step}", flush=True)
+    return run
+
+
+# ------------------------------------------------------------------------------------------------ batches
+class Feed:
+    """This worker's batches. Epoch 1 streams from the reference pool (through `get_dataset_shard`); a complete
+    pass is kept, so later epochs reuse its reference log-probs instead of a second pass through the pool."""
+
+    def __init__(self, cfg: DPOStageConfig, shard):
+        self.cfg, self.shard = cfg, shard
+        self.ref_done = threading.Event()  # set once this worker has received every reference log-prob it needs
+        self.kept: list[dict] | None = None  # this worker's rows of a complete first pass
+        self.seen: list[dict] = []  # this epoch's rows, while streaming
+
+    def batches(self, epoch: int, skip: set[str], log: MetricsLog) -> Iterator[list[dict]]:
+        """Batches of `train_batch_size_per_device` pairs. `skip`: pairs this epoch already trained on before a
+        restart (from the checkpoint), left out by id, so a resumed epoch sees every other pair exactly once."""
+        bs, rows = self.cfg.train_batch_size_per_device, self._rows(epoch)
+        while True:
+            self._use_free_cores()
+            t_wait = time.time()
+            batch = _next_batch(rows, bs, skip)
+            log.ref_wait += time.time() - t_wait  # time blocked on the reference pool
+            if not batch:
+                return
+            log.ref_pids.update(int(r[S.REF_PID]) for r in batch)
+            if self.kept is None:
+                self.seen.extend(batch)
+            yield batch
+
+    def end_epoch(self, complete_pass: bool) -> list[dict] | None:
+        """After an epoch: the rows newly kept for later epochs (a complete streamed pass), else None."""
+        seen, self.seen = self.seen, []
+        if self.kept is not None or not complete_pass:
+            return None
+        self.kept = seen
+        return seen
+
+    def _rows(self, epoch: int) -> Iterator[dict]:
+        if self.kept is not None:  # reference log-probs already known: no second pass through the pool
+            rows = list(self.kept)
+            random.Random(self.cfg.seed * 1000 + epoch).shuffle(rows)
+            return iter(rows)
+        bs = self.cfg.train_batch_size_per_device
+        if self.cfg.cpu_threads_after_reference:
+            return _drained(self.shard, bs, self.ref_done)
+        return (r for b in self.shard.iter_batches(batch_size=bs, batch_format="numpy", prefetch_batches=2)
+                for r in _split(b))
+
+    def _use_free_cores(self) -> None:
+        after = self.cfg.cpu_threads_after_reference
+        if after and (self.ref_done.is_set() or self.kept is not None) and torch.get_num_threads() != after:
+            torch.set_num_threads(after)  # the reference pool is done: its cores are free
+
+
+def _next_batch(rows: Iterator[dict], bs: int, skip: set[str]) -> list[dict]:
+    """The next `bs` rows not in `skip`; fewer only at the end of the epoch, none after it."""
+    batch: list[dict] = []
+    for r in rows:
+        if str(r[S.PAIR_ID]) not in skip:
+            batch.append(r)
+            if len(batch) == bs:
+                break
+    return batch
+
+
+def _split(batch: dict[str, np.ndarray]) -> list[dict]:
+    return [{k: batch[k][i] for k in BATCH_COLUMNS} for i in range(len(batch[S.PAIR_ID]))]
+
+
+def _drained(shard, bs: int, ref_done: threading.Event) -> Iterator[dict]:
     """The shard's rows, one by one, while a thread pulls the whole stream ahead of training. The reference pool then
     never waits for the trainer, and `ref_done` is set the moment the reference pass is over: from then on its
     cores are idle, and the trainer may take them (`cpu_threads_after_reference`)."""
@@ -61,8 +265,8 @@ def _drained(shard, bs: int, ref_done: threading.Event):
     def pull():
         try:
             for b in shard.iter_batches(batch_size=bs, batch_format="numpy", prefetch_batches=2):
-                for i in range(len(b[S.PAIR_ID])):
-                    rows.put({k: b[k][i] for k in BATCH_COLUMNS})
+                for r in _split(b):
+                    rows.put(r)
         except BaseException as e:  # re-raised in the training thread, where Ray Train handles it
             rows.put(e)
         finally:
@@ -76,25 +280,151 @@ def _drained(shard, bs: int, ref_done: threading.Event):
         yield row
 
 
-def _lr_lambda(kind: str, warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        frac = (step - warmup) / max(1, total - warmup)
-        return {"constant": 1.0, "linear": max(0.0, 1 - frac), "cosine": 0.5 * (1 + math.cos(math.pi * frac))}[kind]
-    return f
+# ------------------------------------------------------------------------------------------------ one step
+def forward_loss(run: Run, rows: list[dict]) -> StepOutput:
+    """Concatenated forward of prompt+chosen and prompt+rejected (one batch of 2B rows), summed response log-probs
+    (the function the reference actors use too), the DPO loss against the reference log-probs that came with the
+    rows."""
+    ptc, b = run.cfg.preference_tuning_config, len(rows)
+    ids, attn, mask = collate_pairs([r[S.PROMPT_IDS] for r in rows], [r[S.CHOSEN_IDS] for r in rows],
+                                    [r[S.REJECTED_IDS] for r in rows], run.pad_id)
+    ids, attn, mask = ids.to(run.device), attn.to(run.device), mask.to(run.device)
+    logps, ntok, logits_mean = model_logps(run.model, ids, attn, mask, run.head_window)
+    ref_c, ref_r = (torch.as_tensor(np.asarray([r[k] for r in rows], dtype=np.float32), device=run.device)
+                    for k in (S.REF_CHOSEN_LOGPS, S.REF_REJECTED_LOGPS))
+    losses, r_c, r_r = dpo_loss(logps[:b], logps[b:], ref_c, ref_r, beta=ptc.beta, loss_type=ptc.loss_type,
+                                label_smoothing=ptc.label_smoothing,
+                                chosen_num_tokens=ntok[:b], rejected_num_tokens=ntok[b:])
+    pol_c, pol_r = logps[:b].detach(), logps[b:].detach()
+    return StepOutput(
+        loss=losses.mean(), chosen_rewards=r_c, rejected_rewards=r_r, chosen_logps=pol_c, rejected_logps=pol_r,
+        chosen_logits=logits_mean[:b].mean(), rejected_logits=logits_mean[b:].mean(),
+        max_abs_logp_diff=torch.cat([(pol_c - ref_c).abs(), (pol_r - ref_r).abs()]).max(),
+        tokens=int(attn.sum()), pair_ids=[str(r[S.PAIR_ID]) for r in rows])
 
 
-def _save_state(path: Path, model, optimizer, scheduler, state: dict, merged: bool, tokenizer_src: str):
+def check_finite(run: Run, out: StepOutput, epoch: int) -> None:
+    """Raise NonFiniteLoss on every rank if any rank's loss is not finite (one rank stopping alone hangs DDP)."""
+    import torch.distributed as dist
+
+    bad = (~torch.isfinite(out.loss.detach())).float().reshape(1).to(run.device)  # NCCL takes device tensors only
+    if run.world > 1:
+        dist.all_reduce(bad)
+    if bad.item() > 0:
+        raise NonFiniteLoss(f"non-finite loss at step {run.progress.global_step} (epoch {epoch + 1}), batch of "
+                            f"pairs {out.pair_ids[:4]}; lower learning_rate or check these pairs")
+
+
+def step0_check(run: Run, out: StepOutput) -> float:
+    """Before any update the policy is the reference (unless reference_model_id differs): the largest |policy -
+    reference| log-prob over every worker's first batch. Rank 0 prints it, and warns past `step0_tolerance`."""
+    import torch.distributed as dist
+
+    diff = out.max_abs_logp_diff.float().reshape(1).to(run.device)
+    if run.world > 1:
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    diff, cfg = diff.item(), run.cfg
+    if run.rank == 0:
+        same = cfg.reference_model_id in (None, cfg.model_id)
+        print(f"[03_dpo_train] step-0 check: max |policy - reference| log-prob = {diff:.2e} "
+              f"(loss {out.loss.item():.4f}, ln 2 = {math.log(2):.4f})", flush=True)
+        tol = cfg.preference_tuning_config.step0_tolerance
+        if same and diff > tol:
+            print(f"[03_dpo_train] WARNING: policy and reference disagree by {diff:.3g} > "
+                  f"{tol} at step 0 although they are the same model: check dtype, "
+                  f"chat template and padding (NeMo-Aligner #227)", flush=True)
+    return diff
+
+
+def optimizer_step(run: Run, log: MetricsLog, out: StepOutput, epoch: int) -> dict | None:
+    """Clip, step, schedule, advance `run.progress`; then log and checkpoint when due. The metrics if logged."""
+    torch.nn.utils.clip_grad_norm_(run.params, run.cfg.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    p = run.progress
+    p.global_step += 1
+    p.step_in_epoch += 1
+    end_of_epoch = p.step_in_epoch == run.steps_per_epoch
+    if p.global_step % run.cfg.logging_steps and not end_of_epoch:
+        return None
+    m = log.write(run, out, epoch)
+    if not end_of_epoch:  # the epoch's end reports with its own checkpoint (train_loop_per_worker)
+        every = run.cfg.checkpoint_every_n_steps
+        report(run, m, merged=False, checkpoint=bool(every) and p.global_step % every == 0)
+    return m
+
+
+# ------------------------------------------------------------------------------------------------ log, checkpoint
+class MetricsLog:
+    """Per-step metrics, averaged over the workers; rank 0 appends them to metrics.jsonl and prints one line.
+    Between two lines it counts tokens, the time spent waiting for reference data and the wall time."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.ref_pids: set[int] = set()  # reference actor processes whose log-probs this worker trained on
+        self._new_window()
+
+    def _new_window(self) -> None:
+        self.start, self.tokens, self.ref_wait, self.step0_diff = time.time(), 0, 0.0, None
+
+    def write(self, run: Run, out: StepOutput, epoch: int) -> dict:
+        dt = max(time.time() - self.start, 1e-9)
+        means = _mean_over_workers(run, {
+            **dpo_metrics(out.loss.detach(), out.chosen_rewards, out.rejected_rewards, out.chosen_logps,
+                          out.rejected_logps, out.chosen_logits, out.rejected_logits),
+            "tokens_per_second_per_worker": self.tokens / dt, "ref_wait_seconds": self.ref_wait,
+            "step_seconds": dt / run.cfg.logging_steps})
+        m = {**means, "step": run.progress.global_step, "epoch": epoch + 1, "lr": run.scheduler.get_last_lr()[0],
+             "trainer_pid": os.getpid(), "ref_pids": sorted(self.ref_pids), "torch_threads": torch.get_num_threads()}
+        if self.step0_diff is not None:
+            m["step0_max_abs_logp_diff"] = self.step0_diff
+        if run.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(m) + "\n")
+            print(f"[03_dpo_train] epoch {epoch + 1} step {m['step']}/{run.total_steps} "
+                  f"loss {m['loss']:.4f} acc {m['rewards/accuracies']:.2f} "
+                  f"margin {m['rewards/margins']:+.4f} lr {m['lr']:.2e} "
+                  f"tok/s {m['tokens_per_second_per_worker']:.0f} ref-wait {m['ref_wait_seconds']:.1f}s",
+                  flush=True)
+        self._new_window()
+        return m
+
+
+def _mean_over_workers(run: Run, values: dict[str, float]) -> dict[str, float]:
+    """Every rank calls this at the same step with the same keys (a collective)."""
+    import torch.distributed as dist
+
+    if run.world == 1:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=run.device)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / run.world).tolist()))
+
+
+def report(run: Run, metrics: dict, merged: bool, checkpoint: bool = True) -> None:
+    """Hand `metrics` to Ray Train, with a checkpoint written by rank 0 (`merged`: plus the final HF model)."""
+    import ray.train
+
+    if run.rank != 0 or not checkpoint:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        _save_state(Path(d), run, merged)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _save_state(path: Path, run: Run, merged: bool) -> None:
     """Adapter (LoRA) or full weights + optimizer + position; with `merged`, also a plain HF folder of the final
     model that transformers and vLLM load as is."""
     from safetensors.torch import save_file
 
-    inner = getattr(model, "module", model)  # unwrap DDP
+    inner = getattr(run.model, "module", run.model)  # unwrap DDP
     trainable = {k: v.detach().cpu().contiguous() for k, v in inner.named_parameters() if v.requires_grad}
     save_file(trainable, str(path / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, path / "optimizer.pt")
-    (path / "state.json").write_text(json.dumps(state))
+    torch.save({"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict()},
+               path / "optimizer.pt")
+    (path / "state.json").write_text(json.dumps(asdict(run.progress)))
     if merged:
         from transformers import AutoTokenizer
 
@@ -103,198 +433,19 @@ def _save_state(path: Path, model, optimizer, scheduler, state: dict, merged: bo
             inner = inner.merge_and_unload()
         inner.config.use_cache = True
         inner.save_pretrained(path / "model")
-        AutoTokenizer.from_pretrained(tokenizer_src).save_pretrained(path / "model")
+        AutoTokenizer.from_pretrained(run.cfg.model_id).save_pretrained(path / "model")
 
 
-def _load_state(path: Path, model, optimizer, scheduler) -> dict:
+def _load_state(path: Path, run: Run) -> Progress:
     from safetensors.torch import load_file
 
-    inner = getattr(model, "module", model)
+    inner = getattr(run.model, "module", run.model)
     missing = inner.load_state_dict(load_file(str(path / "trainable.safetensors")), strict=False)
     assert not missing.unexpected_keys, missing.unexpected_keys
     opt = torch.load(path / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    return json.loads((path / "state.json").read_text())
-
-
-def train_loop_per_worker(config: dict) -> None:
-    import ray.train
-    import torch.distributed as dist
-
-    from common.config import DPOStageConfig
-
-    cfg = DPOStageConfig.model_validate(config["cfg"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.seed + rank)
-    torch.set_num_threads(max(1, int(config.get("torch_threads", cfg.num_cpus_per_worker))))
-    dtype = getattr(torch, cfg.dtype)
-    ptc = cfg.preference_tuning_config
-    metrics_path = Path(config["metrics_file"])
-    ref_cache_dir = Path(config["ref_cache_tmp"]) if config.get("ref_cache_tmp") else None
-
-    model = _build_model(cfg, dtype)
-    head_window = supports_logits_to_keep(model.get_base_model() if hasattr(model, "get_base_model") else model)
-    model = ray.train.torch.prepare_model(model, parallel_strategy=cfg.strategy)
-    device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    bs, ga = cfg.train_batch_size_per_device, cfg.gradient_accumulation_steps
-    rows_per_worker = config["num_pairs"] // world
-    steps_per_epoch = max(1, math.ceil(math.ceil(rows_per_worker / bs) / ga))
-    total_steps = steps_per_epoch * cfg.num_epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(cfg.lr_scheduler_type, cfg.warmup_steps, total_steps))
-
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            state = _load_state(Path(d), model, optimizer, scheduler)
-        if rank == 0:
-            print(f"[03_dpo_train] resumed from checkpoint at epoch {state['epoch'] + 1}, "
-                  f"step {state['global_step']}", flush=True)
-
-    shard = ray.train.get_dataset_shard("train")
-    ref_done = threading.Event()  # set once this worker has received every reference log-prob it will need
-    kept_rows: list[dict] | None = None  # this worker's rows of a complete first pass, reused by later epochs
-
-    def epoch_batches(epoch: int, skip: set[str]):
-        """Batches of `bs` pairs. `skip`: pairs this epoch already trained on before a restart (from the
-        checkpoint), left out by id, so a resumed epoch sees every other pair exactly once."""
-        if kept_rows is not None:  # reference log-probs already known: no second pass through the pool
-            rows = list(kept_rows)
-            random.Random(cfg.seed * 1000 + epoch).shuffle(rows)
-            source = iter([rows])
-        elif cfg.cpu_threads_after_reference:
-            source = ([r] for r in _drained(shard, bs, ref_done))
-        else:
-            source = ({k: b[k][i] for k in BATCH_COLUMNS} for b in shard.iter_batches(
-                batch_size=bs, batch_format="numpy", prefetch_batches=2) for i in range(len(b[S.PAIR_ID])))
-            source = ([r] for r in source)
-        buf: list[dict] = []
-        for rows in source:
-            buf.extend(r for r in rows if str(r[S.PAIR_ID]) not in skip)
-            while len(buf) >= bs:
-                yield buf[:bs]
-                buf = buf[bs:]
-        if buf:
-            yield buf
-
-    pad_id = getattr(model, "module", model).config.pad_token_id or 0
-    t_log = time.time()
-    window = {"tokens": 0, "ref_wait": 0.0}
-    last_metrics: dict = {"step": state["global_step"]}
-    ref_pids: set[int] = set()
-    for epoch in range(state["epoch"], cfg.num_epochs):
-        streamed = kept_rows is None  # this epoch pulls from the reference pool
-        done = state.setdefault("done_ids", [])  # pair ids trained on in this epoch (kept in checkpoints)
-        resumed = bool(done)  # a resumed epoch sees only part of the shard: not a complete first pass
-        seen: list[dict] = []
-        it = iter(epoch_batches(epoch, set(done)))
-        micro = 0
-        while True:
-            after = cfg.cpu_threads_after_reference
-            if after and (ref_done.is_set() or not streamed) and torch.get_num_threads() != after:
-                torch.set_num_threads(after)  # the reference pool is done: its cores are free
-            t_wait = time.time()
-            rows = next(it, None)
-            window["ref_wait"] += time.time() - t_wait  # time blocked on the reference pool
-            if rows is None:
-                break
-            batch = {k: [r[k] for r in rows] for k in BATCH_COLUMNS}
-            ref_pids.update(int(x) for x in batch[S.REF_PID])
-            if streamed:
-                seen.extend(rows)
-            done.extend(str(p) for p in batch[S.PAIR_ID])
-            ids, attn, mask = collate_pairs(batch[S.PROMPT_IDS], batch[S.CHOSEN_IDS], batch[S.REJECTED_IDS], pad_id)
-            ids, attn, mask = ids.to(device), attn.to(device), mask.to(device)
-            b = len(batch[S.PROMPT_IDS])
-            logps, ntok, logits, mask = model_logps(model, ids, attn, mask, head_window)
-            ref_c = torch.as_tensor(np.asarray(batch[S.REF_CHOSEN_LOGPS], dtype=np.float32), device=device)
-            ref_r = torch.as_tensor(np.asarray(batch[S.REF_REJECTED_LOGPS], dtype=np.float32), device=device)
-            losses, r_c, r_r = dpo_loss(logps[:b], logps[b:], ref_c, ref_r, beta=ptc.beta, loss_type=ptc.loss_type,
-                                        label_smoothing=ptc.label_smoothing,
-                                        chosen_num_tokens=ntok[:b], rejected_num_tokens=ntok[b:])
-            loss = losses.mean()
-            bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
-            if world > 1:
-                dist.all_reduce(bad)  # every rank stops together, or DDP would hang
-            if bad.item() > 0:
-                pairs = [str(p) for p in batch[S.PAIR_ID]][:4]
-                msg = (f"non-finite loss at step {state['global_step']} (epoch {epoch + 1}), batch of pairs "
-                       f"{pairs}; lower learning_rate or check these pairs")
-                if rank == 0:  # the driver turns this into one line and exit 2 (no retries: it would recur)
-                    Path(config["error_file"]).write_text(msg)
-                return
-            if state["global_step"] == 0 and micro == 0:
-                diff = torch.cat([(logps[:b] - ref_c).abs(), (logps[b:] - ref_r).abs()]).max().item()
-                window["step0_max_abs_logp_diff"] = diff
-                if rank == 0:
-                    same = cfg.reference_model_id in (None, cfg.model_id)
-                    print(f"[03_dpo_train] step-0 check: max |policy - reference| log-prob = {diff:.2e} "
-                          f"(loss {loss.item():.4f}, ln 2 = {math.log(2):.4f})", flush=True)
-                    if same and diff > ptc.step0_tolerance:
-                        print(f"[03_dpo_train] WARNING: policy and reference disagree by {diff:.3g} > "
-                              f"{ptc.step0_tolerance} at step 0 although they are the same model: check dtype, "
-                              f"chat template and padding (NeMo-Aligner #227)", flush=True)
-            (loss / ga).backward()
-            micro += 1
-            window["tokens"] += int(attn.sum())
-            if micro % ga:
-                continue
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["global_step"] += 1
-            state["step_in_epoch"] += 1
-            if state["global_step"] % cfg.logging_steps == 0 or state["step_in_epoch"] == steps_per_epoch:
-                dt = max(time.time() - t_log, 1e-9)
-                with torch.no_grad():
-                    logit_means = [logits[:b][mask[:b]].mean(), logits[b:][mask[b:]].mean()]
-                m = dpo_metrics(loss.detach(), r_c, r_r, logps[:b].detach(), logps[b:].detach(), *logit_means)
-                m.update({"step": state["global_step"], "epoch": epoch + 1, "lr": scheduler.get_last_lr()[0],
-                          "tokens_per_second_per_worker": window["tokens"] / dt,
-                          "ref_wait_seconds": window["ref_wait"], "step_seconds": dt / cfg.logging_steps,
-                          "trainer_pid": os.getpid(), "ref_pids": sorted(ref_pids),
-                          "torch_threads": torch.get_num_threads()})
-                if "step0_max_abs_logp_diff" in window:
-                    m["step0_max_abs_logp_diff"] = window.pop("step0_max_abs_logp_diff")
-                if rank == 0:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(m) + "\n")
-                    print(f"[03_dpo_train] epoch {epoch + 1} step {state['global_step']}/{total_steps} "
-                          f"loss {m['loss']:.4f} acc {m['rewards/accuracies']:.2f} "
-                          f"margin {m['rewards/margins']:+.4f} lr {m['lr']:.2e} "
-                          f"tok/s {m['tokens_per_second_per_worker']:.0f} ref-wait {m['ref_wait_seconds']:.1f}s",
-                          flush=True)
-                t_log, window = time.time(), {"tokens": 0, "ref_wait": 0.0}
-                every = cfg.checkpoint_every_n_steps
-                if every and state["global_step"] % every == 0 and state["step_in_epoch"] < steps_per_epoch:
-                    _report(m, state, model, optimizer, scheduler, rank, cfg, merged=False)
-                elif state["step_in_epoch"] < steps_per_epoch:
-                    ray.train.report(m)
-                last_metrics = m
-        if streamed and not resumed:
-            kept_rows = seen
-            if ref_cache_dir is not None:
-                _write_ref_cache(seen, ref_cache_dir, rank)
-        state.update(epoch=epoch + 1, step_in_epoch=0, done_ids=[])
-        _report(last_metrics, state, model, optimizer, scheduler, rank, cfg, merged=epoch + 1 == cfg.num_epochs)
-
-
-def _report(metrics, state, model, optimizer, scheduler, rank, cfg, merged):
-    import ray.train
-    from ray.train import Checkpoint
-
-    if rank != 0:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as d:
-        _save_state(Path(d), model, optimizer, scheduler, dict(state), merged, cfg.model_id)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+    run.optimizer.load_state_dict(opt["optimizer"])
+    run.scheduler.load_state_dict(opt["scheduler"])
+    return Progress(**json.loads((path / "state.json").read_text()))
 
 
 def _write_ref_cache(rows: list[dict], folder: Path, rank: int) -> None:

@@ -186,15 +186,30 @@ def test_policy_trains_in_train_mode_without_dropout_and_checkpoints_activations
     import torch
 
     from common.config import load_config
-    from common.train_loop import _build_model
+    from common.train_loop import build_model
 
     sets = ["train_path=x", "gradient_checkpointing=true", "lora_config.lora_dropout=0.1"]
-    model = _build_model(load_config("03_dpo_train", str(CONFIG), sets), torch.bfloat16)
+    model = build_model(load_config("03_dpo_train", str(CONFIG), sets), torch.bfloat16)
     assert model.training and model.is_gradient_checkpointing
     dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     assert dropouts and all(m.p == 0.0 for m in dropouts)
     ids = torch.tensor([[1, 9690, 198, 2]])
     model(ids).logits.float().sum().backward()  # checkpointed backward runs with LoRA's frozen embeddings
     assert any(p.grad is not None for p in model.parameters() if p.requires_grad)
-    plain = _build_model(load_config("03_dpo_train", str(CONFIG), ["train_path=x"]), torch.bfloat16)
+    plain = build_model(load_config("03_dpo_train", str(CONFIG), ["train_path=x"]), torch.bfloat16)
     assert plain.training and not plain.is_gradient_checkpointing
+
+
+def test_lora_config_reaches_peft_as_is_and_a_typo_names_the_closest_key():
+    """`lora_config` is peft's LoraConfig: a key we do not list (use_rslora) is passed through unchanged; a key peft
+    does not know is one line naming the closest one."""
+    import peft
+
+    from common.config import load_config
+    from common.errors import UserError
+
+    cfg = load_config("03_dpo_train", str(CONFIG), ["lora_config.use_rslora=true", "lora_config.r=4"])
+    lc = peft.LoraConfig(**cfg.lora_config.model_dump())
+    assert lc.use_rslora is True and lc.r == 4 and lc.lora_alpha == 16
+    with pytest.raises(UserError, match=r"unknown key 'use_rslorra' \(did you mean 'lora_config.use_rslora'\?\)"):
+        load_config("03_dpo_train", str(CONFIG), ["lora_config.use_rslorra=true"])

@@ -49,13 +49,12 @@ def test_lm_head_window_scores_the_same_as_the_full_forward(batch, model_path):
     assert len({len(p) for p in batch["prompt_ids"]}) > 1  # the window is set by the shortest prompt
     with torch.inference_mode():
         full, n_full = sequence_logps(model(ids, attention_mask=attn).logits, ids, mask)
-        cut, n_cut, logits, cut_mask = model_logps(model, ids, attn, mask)
-        off, _, off_logits, _ = model_logps(model, ids, attn, mask, window=False)
-    assert logits.shape[1] < ids.shape[1] and off_logits.shape[1] == ids.shape[1]
-    assert cut_mask.shape == logits.shape[:2] and int(cut_mask.sum()) == int(mask.sum())
+        cut, n_cut, cut_logits = model_logps(model, ids, attn, mask)
+        off, _, off_logits = model_logps(model, ids, attn, mask, window=False)
     assert torch.equal(n_cut, n_full)
     torch.testing.assert_close(cut, full, rtol=0, atol=1e-3)
     torch.testing.assert_close(off, full, rtol=0, atol=0)
+    torch.testing.assert_close(cut_logits, off_logits, rtol=0, atol=1e-3)  # the mean logit sees the same positions
 
 
 def test_tokenised_pairs_reach_the_reference_pool_in_many_blocks(ray_local, model_path):
