@@ -211,7 +211,7 @@ def train_loop_per_worker(config: dict) -> None:
             ids, attn, mask = collate_pairs(batch[S.PROMPT_IDS], batch[S.CHOSEN_IDS], batch[S.REJECTED_IDS], pad_id)
             ids, attn, mask = ids.to(device), attn.to(device), mask.to(device)
             b = len(batch[S.PROMPT_IDS])
-            logps, ntok, logits, mask = model_logps(model, ids, attn, mask, head_window)
+            logps, ntok, logit_sums = model_logps(model, ids, attn, mask, head_window)
             ref_c = torch.as_tensor(np.asarray(batch[S.REF_CHOSEN_LOGPS], dtype=np.float32), device=device)
             ref_r = torch.as_tensor(np.asarray(batch[S.REF_REJECTED_LOGPS], dtype=np.float32), device=device)
             losses, r_c, r_r = dpo_loss(logps[:b], logps[b:], ref_c, ref_r, beta=ptc.beta, loss_type=ptc.loss_type,
@@ -252,8 +252,9 @@ def train_loop_per_worker(config: dict) -> None:
             state["step_in_epoch"] += 1
             if state["global_step"] % cfg.logging_steps == 0 or state["step_in_epoch"] == steps_per_epoch:
                 dt = max(time.time() - t_log, 1e-9)
-                with torch.no_grad():
-                    logit_means = [logits[:b][mask[:b]].mean(), logits[b:][mask[b:]].mean()]
+                # TRL's logits/*: a mean over the batch's response tokens (model_logps returns per-sequence sums)
+                logit_means = [logit_sums[:b].sum() / ntok[:b].sum().clamp(min=1),
+                               logit_sums[b:].sum() / ntok[b:].sum().clamp(min=1)]
                 m = dpo_metrics(loss.detach(), r_c, r_r, logps[:b].detach(), logps[b:].detach(), *logit_means)
                 m.update({"step": state["global_step"], "epoch": epoch + 1, "lr": scheduler.get_last_lr()[0],
                           "tokens_per_second_per_worker": window["tokens"] / dt,
