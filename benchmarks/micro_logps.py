@@ -152,7 +152,7 @@ def main() -> None:
                "peak_rss_ratio_B_over_A": round(peak["B"] / peak["A"], 3), "load_before": [r["load"] for v in res
                                                                                          for r in res[v]]}
     print("[micro_logps] " + json.dumps(summary), flush=True)
-    out = REPO / "benchmarks/results" / f"micro_logps{'-full' if args.full else ''}.json"
+    out = REPO / "benchmarks/results" / f"micro_logps-per-sequence{'-full' if args.full else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"summary": summary, "runs": res}, indent=2))
 
