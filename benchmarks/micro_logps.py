@@ -1,16 +1,20 @@
-"""Micro-benchmark behind a recommended stage-3 fix: score response tokens only.
+"""Micro-benchmark of stage 3's log-prob function: one padded batch (before) vs one unpadded forward per sequence.
 
-    .venv/bin/python benchmarks/micro_logps.py            # LoRA (quickstart), 4 pairs per step, A/B interleaved
+    .venv/bin/python benchmarks/micro_logps.py            # LoRA (quickstart): trainer 2 pairs, reference 4 pairs
     .venv/bin/python benchmarks/micro_logps.py --full     # full fine-tuning
 
-Stage 3's trainer step (common/train_loop.py) runs `model(ids).logits` - the LM head over every position of the
-batch, prompt and padding included - and `common.dpo_loss.sequence_logps` then makes a float32 copy of each row's
-[seq, vocab] logits for logsumexp. With SmolLM2's 49k vocabulary that is most of the step's memory beyond the
-weights. Variant B runs the backbone, keeps the hidden states of the positions whose next token is a response token
-(`loss_mask[:, 1:]`), and applies the LM head and log-softmax to those rows only (what TRL 1.16's fused LM head
-does). Both variants train the same model on the same batch with the same loss; the script checks that their summed
-log-probs agree, then times forward + log-probs + backward + AdamW step, interleaving A and B in fresh processes so
-that each peak RSS (VmHWM) belongs to one variant. One torch thread, as the stage-3 trainer uses.
+The reference actor and the trainer both score pairs with `common.dpo_loss.model_logps`. Variant A is its previous
+form: one forward of the right-padded [2B, T] batch (LM head on the trailing window from the batch's earliest
+response). In bf16 a sequence's summed log-prob then depends on its batch (padding width, batch shape), so with the
+quickstart's reference `batch_size` (4) differing from its `train_batch_size_per_device` (2), policy and reference
+disagreed at step 0 although they are the same model. Variant B is the current `model_logps`: each sequence alone,
+unpadded, LM head on its own response window; its log-prob no longer depends on the batch.
+
+Each process builds the policy as the trainer does (`_build_model`: LoRA, train mode) and the reference as the
+actor does (eval, `inference_mode`), scores the reference batch (timed: the actor's seconds per pair), then trains
+on the trainer batch: forward + log-probs + DPO loss + backward + AdamW (timed; the first step is warm-up). It
+records step 0's max |policy - reference| log-prob. Variants alternate A-B, B-A in fresh processes so each peak RSS
+(VmHWM) belongs to one variant. One torch thread, as the stage-3 trainer and the reference actor use.
 """
 from __future__ import annotations
 
@@ -32,65 +36,78 @@ def _hwm_mib() -> float:
     return 0.0
 
 
-def response_only_logps(model, ids, attn, mask):
-    """Variant B: LM head and log-softmax on response positions only. Returns (summed logps [2B], counts [2B])."""
-    import torch
+def padded_batch_logps(model, ids, attn, mask):
+    """Variant A, the previous `model_logps`: one forward of the padded batch, the LM head on the trailing window
+    that starts one position before the batch's earliest response."""
+    from common.dpo_loss import sequence_logps
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = inner.model(input_ids=ids, attention_mask=attn).last_hidden_state  # [N, T, H]
-    sel = mask[:, 1:].bool()  # position t predicts token t+1: keep t where t+1 is a response token
-    rows = sel.nonzero(as_tuple=True)[0]
-    h = hidden[:, :-1][sel]  # [K, H]
-    targets = ids[:, 1:][sel]  # [K]
-    logits = inner.lm_head(h).float()  # [K, V]: K response tokens instead of N*T positions
-    tok = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    summed = torch.zeros(ids.shape[0], dtype=tok.dtype).index_add_(0, rows, tok)
-    return summed, sel.sum(1)
+    width = ids.shape[1]
+    keep = min(width, width - int(mask.int().argmax(dim=1).min()) + 1)
+    logits = model(ids, attention_mask=attn, logits_to_keep=keep).logits
+    return sequence_logps(logits, ids[:, width - keep:], mask[:, width - keep:])[0]
 
 
 def worker(args) -> None:
     import torch
+    from transformers import AutoModelForCausalLM
 
     from common.config import load_config
-    from common.dpo_loss import dpo_loss, sequence_logps
+    from common.dpo_loss import dpo_loss, model_logps
     from common.tokenize import collate_pairs, load_tokenizer, tokenize_pair
-    from common.train_loop import build_model
+    from common.train_loop import _build_model
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     sets = ["train_path=x"] + (["lora_config=null"] if args.full else [])
     cfg = load_config("03_dpo_train", str(REPO / "configs/quickstart/03_dpo_train.yaml"), sets)
-    model = build_model(cfg, getattr(torch, cfg.dtype))
+    ref_bs = cfg.preference_tuning_config.logprob_processor_scaling_config.batch_size
+    train_bs = cfg.train_batch_size_per_device
+    dtype = getattr(torch, cfg.dtype)
+    policy = _build_model(cfg, dtype)
+    reference = AutoModelForCausalLM.from_pretrained(cfg.model_id, dtype=dtype).eval()
     tok = load_tokenizer(cfg.model_id)
-    rows = [json.loads(line) for line in open(REPO / "data/aclsum/test.jsonl")][args.offset:args.offset + 4]
+    rows = [json.loads(line) for line in open(REPO / "data/aclsum/test.jsonl")][args.offset:args.offset + ref_bs]
     pairs = []
-    for r in rows:
+    for r in rows:  # the pairs of tests/test_dpo_stage.py
         prompt = [{"role": "user", "content": "Summarize in one sentence.\n\n" + r["summary"]}]
         pairs.append(tokenize_pair(tok, prompt, r["summary"].split(". ")[0].rstrip(".") + ".", r["summary"],
                                    cfg.context_length, cfg.max_prompt_length))
-    ids, attn, mask = collate_pairs([p["prompt_ids"] for p in pairs], [p["chosen_ids"] for p in pairs],
-                                    [p["rejected_ids"] for p in pairs], 0)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-6)
-    ref = None
-    times = []
-    for step in range(args.steps):
+
+    def collate(ps):
+        return collate_pairs([p["prompt_ids"] for p in ps], [p["chosen_ids"] for p in ps],
+                             [p["rejected_ids"] for p in ps], 0)
+
+    def score(model, ids, attn, mask):
+        return padded_batch_logps(model, ids, attn, mask) if args.variant == "A" else \
+            model_logps(model, ids, attn, mask)[0]
+
+    ref_times = []
+    for _ in range(args.steps):
         t0 = time.perf_counter()
-        if args.variant == "A":
-            logits = model(ids, attention_mask=attn).logits
-            logps, n = sequence_logps(logits, ids, mask)
-        else:
-            logps, n = response_only_logps(model, ids, attn, mask)
-        if ref is None:
-            ref = logps.detach().clone()
-        losses, _, _ = dpo_loss(logps[:4], logps[4:], ref[:4], ref[4:], beta=0.1)
+        with torch.inference_mode():
+            ref = score(reference, *collate(pairs))
+        ref_times.append(time.perf_counter() - t0)
+    ref = ref.clone()
+    ref_c, ref_r = ref[:train_bs], ref[ref_bs:ref_bs + train_bs]  # the trainer batch's pairs, as the actor scored them
+
+    ids, attn, mask = collate(pairs[:train_bs])
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6)
+    times, step0 = [], None
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        logps = score(policy, ids, attn, mask)
+        if step0 is None:
+            step0 = torch.cat([logps[:train_bs] - ref_c, logps[train_bs:] - ref_r]).abs().max().item()
+        losses, _, _ = dpo_loss(logps[:train_bs], logps[train_bs:], ref_c, ref_r, beta=0.1)
         losses.mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
     print("MICRO_RESULT " + json.dumps({
-        "variant": args.variant, "full": args.full, "shape": list(ids.shape), "step_seconds": times,
-        "peak_rss_mib": round(_hwm_mib(), 1), "first_logps": [round(x, 3) for x in ref.tolist()]}), flush=True)
+        "variant": args.variant, "full": args.full, "train_shape": list(ids.shape), "step_seconds": times,
+        "ref_seconds_per_pair": [t / ref_bs for t in ref_times], "step0_max_abs_logp_diff": step0,
+        "peak_rss_mib": round(_hwm_mib(), 1)}), flush=True)
 
 
 def main() -> None:
@@ -120,18 +137,22 @@ def main() -> None:
             r = json.loads(line[len("MICRO_RESULT "):])
             r["load"] = load
             res[v].append(r)
-            print(f"[micro_logps] round {i} {v}: steps {[round(t, 2) for t in r['step_seconds']]} s, peak RSS "
-                  f"{r['peak_rss_mib']} MiB, load {load}", flush=True)
-    a0, b0 = res["A"][0]["first_logps"], res["B"][0]["first_logps"]
-    diff = max(abs(x - y) for x, y in zip(a0, b0))
-    steady = {v: statistics.median(t for r in rs for t in r["step_seconds"][1:]) for v, rs in res.items()}
+            print(f"[micro_logps] round {i} {v}: steps {[round(t, 2) for t in r['step_seconds']]} s, reference "
+                  f"{[round(t, 2) for t in r['ref_seconds_per_pair']]} s/pair, step-0 diff "
+                  f"{r['step0_max_abs_logp_diff']:.2e}, peak RSS {r['peak_rss_mib']} MiB, load {load}", flush=True)
+    med = lambda v, key: statistics.median(t for r in res[v] for t in r[key][1:])  # noqa: E731
+    steady = {v: med(v, "step_seconds") for v in res}
+    ref = {v: med(v, "ref_seconds_per_pair") for v in res}
     peak = {v: statistics.median(r["peak_rss_mib"] for r in rs) for v, rs in res.items()}
-    summary = {"full": args.full, "batch_shape": res["A"][0]["shape"], "max_abs_logp_diff_A_vs_B": round(diff, 4),
-               "median_step_seconds": steady, "median_peak_rss_mib": peak,
+    summary = {"full": args.full, "train_batch_shape_A": res["A"][0]["train_shape"],
+               "step0_max_abs_logp_diff": {v: max(r["step0_max_abs_logp_diff"] for r in rs) for v, rs in res.items()},
+               "median_step_seconds": steady, "median_ref_seconds_per_pair": ref, "median_peak_rss_mib": peak,
                "step_time_ratio_B_over_A": round(steady["B"] / steady["A"], 3),
-               "peak_rss_ratio_B_over_A": round(peak["B"] / peak["A"], 3)}
+               "ref_time_ratio_B_over_A": round(ref["B"] / ref["A"], 3),
+               "peak_rss_ratio_B_over_A": round(peak["B"] / peak["A"], 3), "load_before": [r["load"] for v in res
+                                                                                         for r in res[v]]}
     print("[micro_logps] " + json.dumps(summary), flush=True)
-    out = REPO / "benchmarks/results" / f"micro_logps{'-full' if args.full else ''}.json"
+    out = REPO / "benchmarks/results" / f"micro_logps-per-sequence{'-full' if args.full else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"summary": summary, "runs": res}, indent=2))
 

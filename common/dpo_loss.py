@@ -1,7 +1,8 @@
 """DPO losses, sequence log-probs and metrics: the math shared by the reference actor and the trainer.
 
 Everything here is plain tensor code, independent of Ray: the reference actor calls `model_logps` (the forward pass
-plus `sequence_logps`) once per pair, the trainer calls it again on the policy and then `dpo_loss` and `dpo_metrics`.
+plus `sequence_logps`, one sequence at a time) on each batch of pairs, the trainer calls it again on the policy and
+then `dpo_loss` and `dpo_metrics`.
 
 The formulas mirror TRL 1.16 (`trl/trainer/dpo_trainer.py`, `DPOTrainer._compute_loss`, the `loss_type` branches)
 and `tests/test_dpo_loss.py` checks them against that code to 1e-5. Two places where we knowingly differ from TRL 1.16:
@@ -183,9 +184,11 @@ def dpo_metrics(
         rejected_rewards: [B] from `dpo_loss`.
         policy_chosen_logps: [B] summed policy log-probs of the chosen responses.
         policy_rejected_logps: [B] same for the rejected responses.
-        chosen_logits_mean: Optional mean logit over the chosen response tokens (TRL averages over tokens and
-            vocabulary). A tensor is averaged; a float is used as is.
-        rejected_logits_mean: Optional, same for the rejected responses.
+        chosen_logits_mean: Optional mean logit of the chosen responses, TRL's `logits/chosen`: the vocabulary-mean
+            logit averaged over every chosen response token of the batch, i.e.
+            `logit_sums[:B].sum() / num_tokens[:B].sum()` from `model_logps`. A tensor is averaged as is (so pass
+            that token-weighted scalar, not per-sequence means); a float is used as is.
+        rejected_logits_mean: Optional, same for the rejected responses (`[B:]`).
 
     Returns:
         `loss`, `rewards/chosen`, `rewards/rejected`, `rewards/accuracies` (fraction of pairs with chosen reward
@@ -216,25 +219,46 @@ def supports_logits_to_keep(model) -> bool:
 
 
 def model_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
-                window: bool = True):
-    """Forward pass + `sequence_logps`: (summed_logps, num_tokens, logits_mean), each [B]. `logits_mean` is the
-    detached mean logit (over the vocabulary and the positions that predict a response token) of each sequence,
-    for TRL's `logits/chosen` and `logits/rejected`.
+                window: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed response log-probs of each sequence of a `collate_pairs` batch, each computed on its own.
 
-    With `window`, the LM head runs only on the trailing positions that hold a response token or predict one
-    (`logits_to_keep`): the prompt's logits are never used, and with a 49k vocabulary they are a large share of the
-    step (SmolLM2 on the quickstart's pairs: 15 % of a LoRA step, same log-probs to the last bit). Rows are
-    right-padded, so the window starts one position before the earliest response of the batch. `window=False` for
-    models whose forward lacks `logits_to_keep` (see `supports_logits_to_keep`).
+    Every sequence runs through the model alone and unpadded (shape [1, len_i]), so its log-prob depends on its
+    tokens only, never on the batch it came in: the reference actor (any `batch_size`) and the trainer (any
+    `train_batch_size_per_device`) run the very same shapes, hence the same kernels and the same sums. In a padded
+    [2B, T] batch, bf16 matmuls and attention reduce in an order that depends on T and on 2B, and the summed
+    log-prob of one sequence moved with the batch (NeMo-Aligner #227 is that symptom). Autograd sums the per-sequence
+    graphs; one backward follows, under DDP too (each parameter's gradient hook still fires once).
+
+    With `window`, the LM head runs only on the positions that predict a response token (`logits_to_keep`): the
+    prompt's logits are never used, and with a large vocabulary they are a large share of the step.
+    `window=False` for models whose forward lacks `logits_to_keep` (see `supports_logits_to_keep`).
+
+    Args:
+        model: A causal LM (or its DDP / peft wrapper) returning `.logits`.
+        input_ids: [2B, T] right-padded ids, as `common.tokenize.collate_pairs` returns them.
+        attention_mask: [2B, T], 1 on real tokens (a prefix of each row).
+        loss_mask: [2B, T], true on response tokens.
+        window: Pass `logits_to_keep` to the model.
+
+    Returns:
+        (summed_logps, num_tokens, logit_sums), each [2B]: float32 summed response log-probs (differentiable), int64
+        response-token counts (as `sequence_logps`), and float32 detached sums over the response-scoring positions
+        of the vocabulary-mean logit. TRL's `logits/chosen` is `logit_sums[:B].sum() / num_tokens[:B].sum()` (a mean
+        over all response tokens of the batch, not a mean of per-sequence means); likewise `logits/rejected`.
     """
-    width = input_ids.shape[1]
-    keep = min(width, width - int(loss_mask.int().argmax(dim=1).min()) + 1) if window else width
-    kwargs = {"logits_to_keep": keep} if window else {}
-    logits = model(input_ids, attention_mask=attention_mask, **kwargs).logits
-    ids, mask = input_ids[:, width - keep:], loss_mask[:, width - keep:]
-    logps, num_tokens = sequence_logps(logits, ids, mask)
-    scored = mask[:, 1:].float()  # logits at t predict token t + 1, as in sequence_logps
-    # Row by row, as in sequence_logps: one float32 copy of the whole [B, T, V] would double the logits' memory.
-    per_position = torch.stack([row[:-1].float().mean(dim=-1) for row in logits.detach()])
-    logits_mean = (per_position * scored).sum(dim=1) / scored.sum(dim=1).clamp(min=1)
-    return logps, num_tokens, logits_mean
+    logps, counts, logit_sums = [], [], []
+    for ids, attn, mask in zip(input_ids, attention_mask, loss_mask):
+        length = int(attn.sum())
+        ids, attn, mask = ids[None, :length], attn[None, :length], mask[None, :length]
+        # The window starts one position before the first response token: that logit scores it.
+        keep = min(length, length - int(mask.int().argmax()) + 1) if window else length
+        logits = model(ids, attention_mask=attn, **({"logits_to_keep": keep} if window else {})).logits
+        ids, mask = ids[:, length - keep:], mask[:, length - keep:]
+        summed, n = sequence_logps(logits, ids, mask)
+        with torch.no_grad():
+            scoring = mask[:, 1:].bool()  # the logit at t scores token t + 1
+            logit_sums.append(logits[:, :-1].float().mean(-1)[scoring].sum().reshape(1))
+        logps.append(summed)
+        counts.append(n)
+        del logits  # freed before the next sequence's forward, not after it
+    return torch.cat(logps), torch.cat(counts), torch.cat(logit_sums)

@@ -1,12 +1,14 @@
 """The decoupled reference model: a Ray Data `map_batches` actor pool that adds reference log-probs to each pair.
 
 LLMForge's `logprob_processor_scaling_config` keeps its meaning: `custom_resources` (e.g. accelerator_type:A10G)
-place each actor, `concurrency` is the pool size, `batch_size` the pairs per forward. The pool's output streams into
+place each actor, `concurrency` is the pool size, `batch_size` the pairs per call. The pool's output streams into
 the trainers through `ray.train.get_dataset_shard`, so the reference forward of later blocks overlaps the policy
 update of earlier ones, and no trainer process ever holds the reference model.
 
 Two backends score the same tokens (the ids come from common.tokenize, upstream of this actor):
-- `transformers` (default): one forward of prompt+chosen and prompt+rejected, summed response log-probs.
+- `transformers` (default): `common.dpo_loss.model_logps`, the trainer's own function: one unpadded forward per
+  sequence (prompt+chosen, prompt+rejected), so `batch_size` never changes a log-prob and at step 0 the policy
+  (initialised from this model) reproduces them exactly.
 - `vllm`: vLLM's `prompt_logprobs` over the same ids, with tensor parallelism for a reference larger than one GPU.
 """
 from __future__ import annotations

@@ -289,7 +289,7 @@ def forward_loss(run: Run, rows: list[dict]) -> StepOutput:
     ids, attn, mask = collate_pairs([r[S.PROMPT_IDS] for r in rows], [r[S.CHOSEN_IDS] for r in rows],
                                     [r[S.REJECTED_IDS] for r in rows], run.pad_id)
     ids, attn, mask = ids.to(run.device), attn.to(run.device), mask.to(run.device)
-    logps, ntok, logits_mean = model_logps(run.model, ids, attn, mask, run.head_window)
+    logps, ntok, logit_sums = model_logps(run.model, ids, attn, mask, run.head_window)
     ref_c, ref_r = (torch.as_tensor(np.asarray([r[k] for r in rows], dtype=np.float32), device=run.device)
                     for k in (S.REF_CHOSEN_LOGPS, S.REF_REJECTED_LOGPS))
     losses, r_c, r_r = dpo_loss(logps[:b], logps[b:], ref_c, ref_r, beta=ptc.beta, loss_type=ptc.loss_type,
@@ -298,7 +298,9 @@ def forward_loss(run: Run, rows: list[dict]) -> StepOutput:
     pol_c, pol_r = logps[:b].detach(), logps[b:].detach()
     return StepOutput(
         loss=losses.mean(), chosen_rewards=r_c, rejected_rewards=r_r, chosen_logps=pol_c, rejected_logps=pol_r,
-        chosen_logits=logits_mean[:b].mean(), rejected_logits=logits_mean[b:].mean(),
+        # TRL's logits/*: a mean over the batch's response tokens, not a mean of per-sequence means
+        chosen_logits=logit_sums[:b].sum() / ntok[:b].sum().clamp(min=1),
+        rejected_logits=logit_sums[b:].sum() / ntok[b:].sum().clamp(min=1),
         max_abs_logp_diff=torch.cat([(pol_c - ref_c).abs(), (pol_r - ref_r).abs()]).max(),
         tokens=int(attn.sum()), pair_ids=[str(r[S.PAIR_ID]) for r in rows])
 

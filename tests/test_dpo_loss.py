@@ -29,7 +29,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from common.dpo_loss import LOSS_TYPES, dpo_loss, dpo_metrics, sequence_logps
+import trl  # noqa: F401  (a declared test dependency: the cross-checks below must run, never skip)
+
+from common.dpo_loss import LOSS_TYPES, dpo_loss, dpo_metrics, model_logps, sequence_logps
 
 LN2 = math.log(2)
 SOFTPLUS_M02 = math.log1p(math.exp(-0.2))  # 0.598138869...
@@ -330,7 +332,6 @@ CROSS_CHECKS = [
 @pytest.mark.parametrize("beta", [0.1, 0.5])
 @pytest.mark.parametrize("loss_type, label_smoothing, trl_loss_type", CROSS_CHECKS)
 def test_loss_matches_trl_per_pair(loss_type, label_smoothing, trl_loss_type, beta):
-    import trl  # noqa: F401
     per_token, completion_mask, ref = _random_pairs()
     num_pairs = len(ref) // 2
     policy = per_token.sum(1)
@@ -361,7 +362,6 @@ def test_loss_matches_trl_per_pair(loss_type, label_smoothing, trl_loss_type, be
     "loss_type, label_smoothing", [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.2)]
 )
 def test_batch_loss_and_metrics_match_trl(loss_type, label_smoothing):
-    import trl  # noqa: F401
     per_token, completion_mask, ref = _random_pairs(seed=1)
     num_pairs = len(ref) // 2
     policy = per_token.sum(1)
@@ -391,7 +391,6 @@ def test_batch_loss_and_metrics_match_trl(loss_type, label_smoothing):
 def test_trl_sigmoid_ignores_label_smoothing():
     """Pins the one formula difference we keep on purpose: TRL 1.16's `sigmoid` reads no label_smoothing, ours is
     cDPO. If a TRL upgrade changes this, revisit `dpo_loss` and the module docstring."""
-    import trl  # noqa: F401
     per_token, completion_mask, ref = _random_pairs(seed=2)
     num_pairs = len(ref) // 2
     inputs = {
@@ -410,7 +409,6 @@ def test_trl_sigmoid_ignores_label_smoothing():
 def tiny_policy_and_reference():
     """Two randomly initialised 1-layer Llamas (different seeds, so log-ratios are not zero), with TRL's fused
     LM head added exactly as DPOTrainer.__init__ does. Built from a config: no download."""
-    import trl  # noqa: F401
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
@@ -430,10 +428,9 @@ def tiny_policy_and_reference():
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_end_to_end_matches_trl_on_a_tiny_model(tiny_policy_and_reference, loss_type):
-    """Token ids -> TRL's collator -> TRL's fused log-probs and loss, versus sequence_logps -> dpo_loss ->
-    dpo_metrics on the plain logits of the same models. Checks the shift, the masks, IPO's token count and
-    the `logits/*` metrics, not just the loss formula."""
-    import trl  # noqa: F401
+    """Token ids -> TRL's collator -> TRL's fused log-probs and loss, versus model_logps -> dpo_loss -> dpo_metrics
+    on the plain logits of the same models (our per-sequence unpadded forwards against TRL's padded batch). Checks
+    the shift, the masks, IPO's token count and the `logits/*` metrics, not just the loss formula."""
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     policy, reference = tiny_policy_and_reference
@@ -450,12 +447,10 @@ def test_end_to_end_matches_trl_on_a_tiny_model(tiny_policy_and_reference, loss_
     inputs = DataCollatorForPreference(pad_token_id=0)(examples)
     trl_loss, trl_metrics = _trl_compute_loss(policy, inputs, loss_type, 0.1, 0.0, ref_model=reference)
 
-    with torch.no_grad():
-        policy_logits = policy(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-        ref_logits = reference(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
     mask = inputs["completion_mask"]
-    policy_logps, num_tokens = sequence_logps(policy_logits, inputs["input_ids"], mask)
-    ref_logps, _ = sequence_logps(ref_logits, inputs["input_ids"], mask)
+    with torch.no_grad():
+        policy_logps, num_tokens, logit_sums = model_logps(policy, inputs["input_ids"], inputs["attention_mask"], mask)
+        ref_logps, _, _ = model_logps(reference, inputs["input_ids"], inputs["attention_mask"], mask)
     assert num_tokens.tolist() == mask.sum(1).tolist()  # our count == TRL's IPO count
 
     n = len(examples)
@@ -463,12 +458,11 @@ def test_end_to_end_matches_trl_on_a_tiny_model(tiny_policy_and_reference, loss_
         policy_logps[:n], policy_logps[n:], ref_logps[:n], ref_logps[n:], beta=0.1, loss_type=loss_type,
         chosen_num_tokens=num_tokens[:n], rejected_num_tokens=num_tokens[n:],
     )
-    # TRL's logits/* metric: the vocabulary-mean logit, averaged over all response tokens of the batch.
-    vocab_mean = policy_logits[:, :-1].mean(-1)
-    shifted = mask[:, 1:].bool()
+    # TRL's logits/*: the vocabulary-mean logit averaged over all response tokens of the batch (token-weighted).
     ours = dpo_metrics(
         losses, chosen_rewards, rejected_rewards, policy_logps[:n], policy_logps[n:],
-        chosen_logits_mean=vocab_mean[:n][shifted[:n]], rejected_logits_mean=vocab_mean[n:][shifted[n:]],
+        chosen_logits_mean=logit_sums[:n].sum() / num_tokens[:n].sum(),
+        rejected_logits_mean=logit_sums[n:].sum() / num_tokens[n:].sum(),
     )
     assert ours["loss"] == pytest.approx(trl_loss.item(), rel=1e-5, abs=1e-5)
     assert set(ours) - {"loss"} <= set(trl_metrics)  # TRL's Trainer logs the loss itself, not in _metrics

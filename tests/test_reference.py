@@ -33,10 +33,10 @@ def test_vllm_backend_agrees_with_transformers(batch, model_path):
     assert list(hf["chosen_num_tokens"]) == list(vl["chosen_num_tokens"])
 
 
-def test_lm_head_window_scores_the_same_as_the_full_forward(batch, model_path):
-    """`model_logps` runs the LM head on the response window only (`logits_to_keep`); the trainer and the reference
-    actor both use it. Prompts of different lengths, right padding: the window must still hold every response token,
-    and the log-probs must equal those of the full forward."""
+def test_model_logps_scores_the_same_as_a_full_batched_forward(batch, model_path):
+    """`model_logps` (used by the trainer and the reference actor) runs each sequence alone, unpadded, with the LM head
+    on its response window only (`logits_to_keep`). Prompts of different lengths, right padding: its log-probs,
+    counts and response-position logit sums must equal those of one full forward of the padded batch."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -46,15 +46,19 @@ def test_lm_head_window_scores_the_same_as_the_full_forward(batch, model_path):
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     assert supports_logits_to_keep(model)
     ids, attn, mask = collate_pairs(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], 2)
-    assert len({len(p) for p in batch["prompt_ids"]}) > 1  # the window is set by the shortest prompt
+    assert len({len(p) for p in batch["prompt_ids"]}) > 1
     with torch.inference_mode():
-        full, n_full = sequence_logps(model(ids, attention_mask=attn).logits, ids, mask)
-        cut, n_cut, cut_logits = model_logps(model, ids, attn, mask)
-        off, _, off_logits = model_logps(model, ids, attn, mask, window=False)
-    assert torch.equal(n_cut, n_full)
-    torch.testing.assert_close(cut, full, rtol=0, atol=1e-3)
-    torch.testing.assert_close(off, full, rtol=0, atol=0)
-    torch.testing.assert_close(cut_logits, off_logits, rtol=0, atol=1e-3)  # the mean logit sees the same positions
+        logits = model(ids, attention_mask=attn).logits
+        full, n_full = sequence_logps(logits, ids, mask)
+        # the logit at t scores token t + 1: sum the vocabulary-mean logit over those positions
+        sums_full = (logits[:, :-1].mean(-1) * mask[:, 1:]).sum(1)
+        cut, n_cut, sums_cut = model_logps(model, ids, attn, mask)
+        off, n_off, sums_off = model_logps(model, ids, attn, mask, window=False)
+    assert torch.equal(n_cut, n_full) and torch.equal(n_off, n_full)
+    for logps, sums in ((cut, sums_cut), (off, sums_off)):  # float32 kernels of other shapes: last digits only
+        torch.testing.assert_close(logps, full, rtol=0, atol=1e-3)
+        torch.testing.assert_close(sums, sums_full, rtol=1e-4, atol=1e-3)
+    assert cut.dtype == sums_cut.dtype == torch.float32 and n_cut.dtype == torch.int64
 
 
 def test_tokenised_pairs_reach_the_reference_pool_in_many_blocks(ray_local, model_path):
