@@ -166,6 +166,7 @@ def train(cfg: DPOStageConfig, tokenized, cache: dict, policy: str, ref: str, wo
     from ray.train.torch import TorchTrainer
 
     from common.config import config_hash
+    from common.progress import follow_training
     from common.reference import add_reference_logps
     from common.train_loop import train_loop_per_worker
 
@@ -199,7 +200,9 @@ def train(cfg: DPOStageConfig, tokenized, cache: dict, policy: str, ref: str, wo
     )
     error_file = work / "error.txt"
     error_file.unlink(missing_ok=True)
-    result = trainer.fit()
+    same_model = cfg.reference_model_id in (None, cfg.model_id)  # then step 0 must agree (common.progress)
+    with follow_training(work / "metrics.jsonl", cfg.preference_tuning_config.step0_tolerance if same_model else None):
+        result = trainer.fit()
     if error_file.exists():
         raise UserError(f"03_dpo_train: {error_file.read_text()}")
     if result.error:

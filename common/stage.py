@@ -1,9 +1,10 @@
-"""What every stage script's command line has in common: `--config`, `--set`, `--force`, `--dry-run`."""
+"""What every stage script's command line has in common: `--config`, `--set`, `--force`, `--dry-run`, `--verbose`."""
 from __future__ import annotations
 
 import argparse
 
 from common.config import load_config
+from common.ray_setup import configure_output
 
 
 def parse(stage: str, doc: str):
@@ -16,5 +17,9 @@ def parse(stage: str, doc: str):
     p.add_argument("--force", action="store_true", help="redo even if a complete output of this config exists")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the config and print the resource plan; start nothing, write nothing")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show the Ray workers' and libraries' own output (vLLM, Ray Train, Ray Data), which "
+                        "otherwise stays in Ray's log files under /tmp/ray/session_latest/logs")
     args = p.parse_args()
+    configure_output(args.verbose)
     return args, load_config(stage, args.config, args.set)

@@ -24,6 +24,7 @@ import torch
 
 from common import schema as S
 from common.dpo_loss import dpo_loss, dpo_metrics, model_logps, supports_logits_to_keep
+from common.progress import step_line
 from common.tokenize import collate_pairs
 
 BATCH_COLUMNS = [S.PROMPT_IDS, S.CHOSEN_IDS, S.REJECTED_IDS, S.REF_CHOSEN_LOGPS, S.REF_REJECTED_LOGPS, S.PAIR_ID,
@@ -255,7 +256,8 @@ def train_loop_per_worker(config: dict) -> None:
                 with torch.no_grad():
                     logit_means = [logits[:b][mask[:b]].mean(), logits[b:][mask[b:]].mean()]
                 m = dpo_metrics(loss.detach(), r_c, r_r, logps[:b].detach(), logps[b:].detach(), *logit_means)
-                m.update({"step": state["global_step"], "epoch": epoch + 1, "lr": scheduler.get_last_lr()[0],
+                m.update({"step": state["global_step"], "total_steps": total_steps, "epoch": epoch + 1,
+                          "lr": scheduler.get_last_lr()[0],
                           "tokens_per_second_per_worker": window["tokens"] / dt,
                           "ref_wait_seconds": window["ref_wait"], "step_seconds": dt / cfg.logging_steps,
                           "trainer_pid": os.getpid(), "ref_pids": sorted(ref_pids),
@@ -265,11 +267,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if rank == 0:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(m) + "\n")
-                    print(f"[03_dpo_train] epoch {epoch + 1} step {state['global_step']}/{total_steps} "
-                          f"loss {m['loss']:.4f} acc {m['rewards/accuracies']:.2f} "
-                          f"margin {m['rewards/margins']:+.4f} lr {m['lr']:.2e} "
-                          f"tok/s {m['tokens_per_second_per_worker']:.0f} ref-wait {m['ref_wait_seconds']:.1f}s",
-                          flush=True)
+                    print(step_line(m), flush=True)
                 t_log, window = time.time(), {"tokens": 0, "ref_wait": 0.0}
                 every = cfg.checkpoint_every_n_steps
                 if every and state["global_step"] % every == 0 and state["step_in_epoch"] < steps_per_epoch:
