@@ -23,13 +23,16 @@ def step_line(m: dict) -> str:
             f"lr {m['lr']:.2e} tok/s {m['tokens_per_second_per_worker']:.0f} ref-wait {m['ref_wait_seconds']:.1f}s")
 
 
-def step0_lines(m: dict, tolerance: float | None) -> list[str]:
-    """The step-0 check (policy and reference must agree before the first update) of the record that carries it.
-    `tolerance`: warn above it (None when the reference is another model, which may differ)."""
+def notes(m: dict, tolerance: float | None) -> list[str]:
+    """What rank 0 recorded in this record besides the metrics: a resume, the step-0 check (policy and reference
+    must agree before the first update). `tolerance`: warn above it (None when the reference is another model)."""
+    lines = []
+    if "resumed_from_step" in m:
+        lines.append(f"[{STAGE}] resumed from checkpoint at epoch {m['epoch']}, step {m['resumed_from_step']}")
     diff = m.get("step0_max_abs_logp_diff")
     if diff is None:
-        return []
-    lines = [f"[{STAGE}] step-0 check: max |policy - reference| log-prob = {diff:.2e}"]
+        return lines
+    lines.append(f"[{STAGE}] step-0 check: max |policy - reference| log-prob = {diff:.2e}")
     if tolerance is not None and diff > tolerance:
         lines.append(f"[{STAGE}] WARNING: policy and reference disagree by {diff:.3g} > {tolerance} at step 0 "
                      f"although they are the same model: check dtype, chat template and padding (NeMo-Aligner #227)")
@@ -57,9 +60,9 @@ class _Follower:
                 self.show(json.loads(line))
 
     def show(self, m: dict) -> None:
-        notes = step0_lines(m, self.tolerance)
+        lines = notes(m, self.tolerance)
         if not interactive():
-            for line in [*notes, step_line(m)]:
+            for line in [*lines, step_line(m)]:
                 print(line, flush=True)
             return
         from tqdm import tqdm
@@ -67,7 +70,7 @@ class _Follower:
         if self.bar is None:
             self.bar = tqdm(total=m.get("total_steps"), desc=f"[{STAGE}] training", unit="step",
                             initial=m["step"] - 1, dynamic_ncols=True)
-        for line in notes:
+        for line in lines:
             self.bar.write(line)
         self.bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['rewards/accuracies']:.2f}", refresh=False)
         self.bar.update(m["step"] - self.bar.n)

@@ -185,7 +185,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     pad_id = getattr(model, "module", model).config.pad_token_id or 0
     t_log = time.time()
-    window = {"tokens": 0, "ref_wait": 0.0}
+    window = {"tokens": 0, "ref_wait": 0.0, **({"resumed_from_step": state["global_step"]} if ckpt else {})}
     last_metrics: dict = {"step": state["global_step"]}
     ref_pids: set[int] = set()
     for epoch in range(state["epoch"], cfg.num_epochs):
@@ -262,6 +262,7 @@ def train_loop_per_worker(config: dict) -> None:
                           "ref_wait_seconds": window["ref_wait"], "step_seconds": dt / cfg.logging_steps,
                           "trainer_pid": os.getpid(), "ref_pids": sorted(ref_pids),
                           "torch_threads": torch.get_num_threads()})
+                m.update({k: window[k] for k in ("resumed_from_step",) if k in window})  # the driver says so
                 if "step0_max_abs_logp_diff" in window:
                     m["step0_max_abs_logp_diff"] = window.pop("step0_max_abs_logp_diff")
                 if rank == 0:

@@ -65,3 +65,24 @@ def test_summary_ends_with_stage_4s_bar_and_writes_summary_md(tmp_path, capsys):
                                                 "FAIL: faithfulness drop <= 0.05 (got 0.08)"]
     written = (tmp_path / "summary.md").read_text()
     assert "| total | 1m 06s |" in written and written.rstrip().endswith("FAIL: faithfulness drop <= 0.05 (got 0.08)")
+
+
+def test_training_progress_lines_from_the_metrics_file(tmp_path, capsys):
+    """Not in a terminal, the driver prints each logged step once (rank 0's own lines stay in Ray's log files), with
+    rank 0's notes: a resume, the step-0 check, and its warning when policy and reference are the same model."""
+    from common.progress import follow_training
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"step": 1}) + "\n")  # a killed earlier attempt's record: already shown then
+    rec = {"epoch": 1, "total_steps": 3, "loss": 0.69, "rewards/accuracies": 0.5, "rewards/margins": 0.01,
+           "lr": 1e-4, "tokens_per_second_per_worker": 100.0, "ref_wait_seconds": 0.5}
+    with follow_training(metrics, step0_tolerance=0.05):
+        with open(metrics, "a") as f:
+            f.write(json.dumps({**rec, "step": 2, "resumed_from_step": 1, "step0_max_abs_logp_diff": 0.2}) + "\n")
+            f.write(json.dumps({**rec, "step": 3}) + "\n")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "[03_dpo_train] resumed from checkpoint at epoch 1, step 1"
+    assert lines[1].startswith("[03_dpo_train] step-0 check: max |policy - reference| log-prob = 2.00e-01")
+    assert lines[2].startswith("[03_dpo_train] WARNING: policy and reference disagree by 0.2 > 0.05")
+    assert lines[3].startswith("[03_dpo_train] epoch 1 step 2/3 loss 0.6900 acc 0.50")
+    assert lines[4].startswith("[03_dpo_train] epoch 1 step 3/3 ") and len(lines) == 5
