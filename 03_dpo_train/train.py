@@ -26,6 +26,7 @@ from common.dpo import (load_pairs, plan, read_train_result, reference_cache, to
 from common.errors import UserError, cli  # noqa: E402
 from common.io import StageOutput, read_manifest  # noqa: E402
 from common.plots import plot_training_curves  # noqa: E402
+from common.progress import follow_training  # noqa: E402
 from common.ray_setup import check_fits, init_ray, print_plan  # noqa: E402
 from common.reference import add_reference_logps  # noqa: E402
 from common.stage import parse  # noqa: E402
@@ -92,7 +93,9 @@ def main() -> None:
             failure_config=FailureConfig(max_failures=cfg.max_failures)),
         datasets={"train": train_ds},
     )
-    fit = trainer.fit()
+    same_model = cfg.reference_model_id in (None, cfg.model_id)  # then step 0 must agree
+    with follow_training(work / "metrics.jsonl", cfg.preference_tuning_config.step0_tolerance if same_model else None):
+        fit = trainer.fit()  # the driver shows the workers' progress from metrics.jsonl
     if error_file.exists():  # a worker stopped on bad input (a non-finite loss): retrying would not help
         raise UserError(f"{STAGE}: {error_file.read_text()}")
     if fit.error:

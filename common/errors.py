@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import traceback
 
 
 class UserError(Exception):
@@ -19,5 +20,15 @@ def cli(main):
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
+        except Exception:
+            from common.ray_setup import verbose
+
+            if verbose():
+                raise
+            # A real failure: its traceback, and where the Ray workers' output went (not forwarded by default).
+            traceback.print_exc()
+            print("The Ray workers' own output is in /tmp/ray/session_latest/logs (worker-*.err / *.out); rerun "
+                  "with --verbose to see it here.", file=sys.stderr, flush=True)
+            sys.exit(1)
 
     return wrapper

@@ -82,6 +82,7 @@ def build_engine(model: ModelConfig, engine: EngineConfig, preprocess: Callable,
         max_model_len=model.max_model_len, dtype=model.dtype, trust_remote_code=model.trust_remote_code,
         tensor_parallel_size=engine.tensor_parallel_size, max_num_seqs=engine.max_num_seqs,
         enforce_eager=on_cpu,  # no CUDA graphs / compilation on CPU
+        use_tqdm_on_load=False,  # its weight-loading bar is carriage-return debris in a log file or a forwarded log
         # vLLM's CPU worker cannot rewind a seeded sampler after a partial (chunked) prefill ("CPU Generator does
         # not use offset"), and every candidate here has its own seed: schedule whole prompts only.
         **({"enable_chunked_prefill": False} if on_cpu else {}),

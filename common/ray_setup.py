@@ -6,10 +6,17 @@ On a cluster (`ray.address: auto`, what `ray job submit` gives) the cluster's ow
 
 Two cores deadlock silently when actors hold every CPU while a read task waits for one, so every stage prints its
 resource plan and `check_fits` refuses, before anything starts, a plan whose minimum does not fit.
+
+Output: by default the terminal shows our own lines and, in a terminal, one progress bar per long step. The workers'
+output (vLLM, torch, Ray Train, Ray Data's actors) is not forwarded to the driver (`log_to_driver=False`): it stays in
+Ray's log files under /tmp/ray/session_latest/logs. `--verbose` (common.stage) forwards it and restores the libraries'
+INFO levels. Not in a terminal (CI, `| tee`, a file), nothing draws: no progress bars, no cursor control.
 """
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from dataclasses import dataclass, field
 
 from common.config import REPO, RayConfig
@@ -20,15 +27,44 @@ LOCAL_ENV = {
     "HF_HUB_OFFLINE": "1",
     "RAY_AUTH_MODE": "disabled",
     "TOKENIZERS_PARALLELISM": "false",
-    "VLLM_LOGGING_LEVEL": "WARNING",
     "VLLM_CONFIGURE_LOGGING": "1",
+    # Ray Train v2 patches print() in its workers to write to stdout AND to a logger whose handler writes to
+    # stderr (a Ray worker's sys.stdout is never sys.__stdout__), so every forwarded line arrived twice.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     # A loaded 2-core machine can take longer than Ray's default to register its raylet.
     "RAY_raylet_start_wait_time_s": "120",
 }
+# Log levels of the libraries, quiet (default) and --verbose. In the workers they only decide what Ray's log files
+# keep (nothing is forwarded unless --verbose); on the driver they decide what the terminal shows.
+LEVELS = {
+    False: {"RAY_LOGGER_LEVEL": "warning", "VLLM_LOGGING_LEVEL": "WARNING", "TRANSFORMERS_VERBOSITY": "error",
+            "HF_DATASETS_VERBOSITY": "error"},
+    True: {"RAY_LOGGER_LEVEL": "info", "VLLM_LOGGING_LEVEL": "INFO", "TRANSFORMERS_VERBOSITY": "info",
+           "HF_DATASETS_VERBOSITY": "info"},
+}
+_verbose = False
+
+
+def configure_output(verbose: bool) -> None:
+    """Called by every stage's command line before Ray, vLLM or transformers is imported (they read these once).
+    A level the user set in the environment wins."""
+    global _verbose
+    _verbose = verbose
+    for k, v in LEVELS[verbose].items():
+        os.environ.setdefault(k, v)
+
+
+def verbose() -> bool:
+    return _verbose
+
+
+def interactive() -> bool:
+    """Progress bars only when a person watches both streams; `| tee`, CI and log files get plain lines."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
 
 
 def set_local_env(cfg: RayConfig) -> None:
-    for k, v in LOCAL_ENV.items():
+    for k, v in {**LOCAL_ENV, **LEVELS[_verbose]}.items():
         if k == "HF_HUB_OFFLINE" and cfg.address:
             continue  # a cluster may download hub models
         os.environ.setdefault(k, v)
@@ -79,15 +115,44 @@ def init_ray(cfg: RayConfig, extra_env: dict[str, str] | None = None) -> None:
 
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in LOCAL_ENV if k in os.environ}
+    env = {k: os.environ[k] for k in [*LOCAL_ENV, *LEVELS[_verbose]] if k in os.environ}
     # Workers import `common` from the repo; on a cluster `ray job submit --working-dir .` ships it instead.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env.update(cfg.env_vars)
     env.update(extra_env or {})
+    level = logging.INFO if _verbose else logging.WARNING
+    common = dict(runtime_env={"env_vars": env}, log_to_driver=_verbose, logging_level=level)
     if cfg.address:
-        ray.init(address=cfg.address, runtime_env={"env_vars": env})
+        ray.init(address=cfg.address, **common)
     else:
-        ray.init(num_cpus=cfg.num_cpus, resources=dict(cfg.local_resources), include_dashboard=False,
-                 runtime_env={"env_vars": env}, log_to_driver=True)
+        ray.init(num_cpus=cfg.num_cpus, resources=dict(cfg.local_resources), include_dashboard=False, **common)
+    quiet_driver(ray)
+
+
+def quiet_driver(ray) -> None:
+    """Ray Data's bars only in a terminal, one per dataset (its per-operator bars with --verbose); its INFO lines,
+    and library warnings on the driver, go to Ray's log files only (unless --verbose)."""
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    ctx.enable_progress_bars = interactive()
+    ctx.enable_operator_progress_bars = _verbose
+    if _verbose:
+        return
+    for h in logging.getLogger("ray.data").handlers:  # its console handler; the file handler keeps everything
+        if type(h).__name__ == "PlainRayHandler":
+            h.setLevel(logging.ERROR)
+    # To a file in the session's logs: Python warnings (e.g. Ray Data's "use expr instead of fn"), and ray.llm's
+    # loggers, which print INFO lines to the console unless their parent "ray.llm" already has a handler.
+    to_file = logging.FileHandler(session_log("driver.log"))
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s -- %(message)s"))
+    logging.captureWarnings(True)
+    for name, level in (("py.warnings", logging.WARNING), ("ray.llm", logging.INFO)):
+        lg = logging.getLogger(name)
+        lg.handlers, lg.propagate = [to_file], False
+        lg.setLevel(level)
+
+
+def session_log(name: str) -> str:
+    """A file in this Ray session's log folder (/tmp/ray/session_latest/logs locally)."""
+    import ray
+
+    return os.path.join(ray._private.worker._global_node.get_logs_dir_path(), name)

@@ -1,10 +1,11 @@
-"""What every stage script's command line has in common: `--config`, `--set`, `--force`, `--dry-run`."""
+"""What every stage script's command line has in common: `--config`, `--set`, `--force`, `--dry-run`, `--verbose`."""
 from __future__ import annotations
 
 import argparse
 
 from common.config import load_config
 from common.io import check_output_dir
+from common.ray_setup import configure_output
 
 
 def parse(stage: str, doc: str):
@@ -17,7 +18,11 @@ def parse(stage: str, doc: str):
     p.add_argument("--force", action="store_true", help="redo even if a complete output of this config exists")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the config and print the resource plan; start nothing, write nothing")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show the Ray workers' and libraries' own output (vLLM, Ray Train, Ray Data), which "
+                        "otherwise stays in Ray's log files under /tmp/ray/session_latest/logs")
     args = p.parse_args()
+    configure_output(args.verbose)
     cfg = load_config(stage, args.config, args.set)
     if not args.dry_run:  # before reading any input or starting anything: where the output goes must be usable
         check_output_dir(cfg.output_dir, stage)

@@ -28,6 +28,7 @@ import torch
 from common import schema as S
 from common.config import DPOStageConfig
 from common.dpo_loss import dpo_loss, dpo_metrics, model_logps, supports_logits_to_keep
+from common.progress import step_line
 from common.tokenize import collate_pairs
 
 BATCH_COLUMNS = [S.PROMPT_IDS, S.CHOSEN_IDS, S.REJECTED_IDS, S.REF_CHOSEN_LOGPS, S.REF_REJECTED_LOGPS, S.PAIR_ID,
@@ -96,6 +97,8 @@ def train_loop_per_worker(config: dict) -> None:
     run = setup(cfg, config["num_pairs"])
     feed = Feed(cfg, ray.train.get_dataset_shard("train"))
     log = MetricsLog(Path(config["metrics_file"]))
+    if ray.train.get_checkpoint():  # the driver shows the resume from the first record (common.progress)
+        log.notes["resumed_from_step"] = run.progress.global_step
     last: dict = {"step": run.progress.global_step}
     for epoch in range(run.progress.epoch, cfg.num_epochs):
         complete_pass = not run.progress.done_ids  # a resumed epoch sees only part of the shard
@@ -122,7 +125,7 @@ def train_epoch(run: Run, feed: Feed, log: MetricsLog, epoch: int) -> dict | Non
         out = forward_loss(run, rows)
         check_finite(run, out, epoch)
         if p.global_step == 0 and micro == 0:
-            log.step0_diff = step0_check(run, out)
+            log.notes.update(step0_max_abs_logp_diff=step0_check(run, out), step0_loss=out.loss.item())
         (out.loss / ga).backward()
         micro += 1
         log.tokens += out.tokens
@@ -368,7 +371,8 @@ class MetricsLog:
         self._new_window()
 
     def _new_window(self) -> None:
-        self.start, self.tokens, self.ref_wait, self.step0_diff = time.time(), 0, 0.0, None
+        self.start, self.tokens, self.ref_wait = time.time(), 0, 0.0
+        self.notes: dict = {}  # what the next record also carries: a resume, the step-0 check (common.progress)
 
     def write(self, run: Run, out: StepOutput, epoch: int) -> dict:
         dt = max(time.time() - self.start, 1e-9)
@@ -377,18 +381,13 @@ class MetricsLog:
                           out.rejected_logps, out.chosen_logits, out.rejected_logits),
             "tokens_per_second_per_worker": self.tokens / dt, "ref_wait_seconds": self.ref_wait,
             "step_seconds": dt / run.cfg.logging_steps})
-        m = {**means, "step": run.progress.global_step, "epoch": epoch + 1, "lr": run.scheduler.get_last_lr()[0],
-             "trainer_pid": os.getpid(), "ref_pids": sorted(self.ref_pids), "torch_threads": torch.get_num_threads()}
-        if self.step0_diff is not None:
-            m["step0_max_abs_logp_diff"] = self.step0_diff
+        m = {**means, "step": run.progress.global_step, "total_steps": run.total_steps, "epoch": epoch + 1,
+             "lr": run.scheduler.get_last_lr()[0], "trainer_pid": os.getpid(), "ref_pids": sorted(self.ref_pids),
+             "torch_threads": torch.get_num_threads(), **self.notes}
         if run.rank == 0:
             with open(self.path, "a") as f:
                 f.write(json.dumps(m) + "\n")
-            print(f"[03_dpo_train] epoch {epoch + 1} step {m['step']}/{run.total_steps} "
-                  f"loss {m['loss']:.4f} acc {m['rewards/accuracies']:.2f} "
-                  f"margin {m['rewards/margins']:+.4f} lr {m['lr']:.2e} "
-                  f"tok/s {m['tokens_per_second_per_worker']:.0f} ref-wait {m['ref_wait_seconds']:.1f}s",
-                  flush=True)
+            print(step_line(m), flush=True)  # to Ray's log files; the driver shows it (common.progress)
         self._new_window()
         return m
 
