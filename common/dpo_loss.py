@@ -224,10 +224,11 @@ def model_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lo
 
     Every sequence runs through the model alone and unpadded (shape [1, len_i]), so its log-prob depends on its
     tokens only, never on the batch it came in: the reference actor (any `batch_size`) and the trainer (any
-    `train_batch_size_per_device`) run the very same shapes, hence the same kernels and the same sums. In a padded
-    [2B, T] batch, bf16 matmuls and attention reduce in an order that depends on T and on 2B, and the summed
-    log-prob of one sequence moved with the batch (NeMo-Aligner #227 is that symptom). Autograd sums the per-sequence
-    graphs; one backward follows, under DDP too (each parameter's gradient hook still fires once).
+    `train_batch_size_per_device`) run the very same shapes, hence the same kernels and the same sums
+    (`tests/test_step0.py` checks bf16, LoRA in train mode against the reference in inference mode, one and two
+    threads). In a padded [2B, T] batch, bf16 kernels reduce in an order that depends on T and on 2B, and the
+    summed log-prob of one sequence moved with the batch. Autograd sums the per-sequence graphs; one backward
+    follows, under DDP too (each parameter's gradient hook still fires once; tested).
 
     With `window`, the LM head runs only on the positions that predict a response token (`logits_to_keep`): the
     prompt's logits are never used, and with a large vocabulary they are a large share of the step.
