@@ -52,7 +52,7 @@ def fit_prompt(tok, messages: list[dict[str, str]], max_prompt_length: int) -> l
     last = users[-1]
     content = tok(messages[last]["content"], add_special_tokens=False)["input_ids"]
     # Decoding a cut and rendering it again can merge or split tokens at the cut, so measure and cut again: the
-    # text shrinks every round, so the loop ends; the bound only guards against a tokenizer that never settles.
+    # text shrinks every round, and the bound stops a tokenizer that would settle one token a round.
     for _ in range(_MAX_CUTS):
         content = content[len(ids) - max_prompt_length:]
         text = tok.decode(content).lstrip("\ufffd")  # a cut inside a multi-byte character leaves a stray piece
