@@ -189,6 +189,7 @@ def _scores(ray, judge_cfg, rows):
     return {r["key"]: r for r in out}
 
 
+@pytest.mark.slow
 def test_similarity_judge_is_meaningful_on_aclsum(ray_local):
     """Own human summary vs another paper's: the faithful one must win >= 90%; the abstract itself vs its human
     summary (both faithful): the pairing rule must prefer the shorter >= 90%."""
@@ -234,6 +235,7 @@ def _candidates(n_papers=1):
     return rows
 
 
+@pytest.mark.slow
 def test_quiz_judge_real_run_counts_unparseable(ray_local, model_path):
     cfg = JudgeConfig(type="quiz", llm=_llm(model_path), quiz=QuizConfig(num_questions=3, num_options=4))
     judge = build_judge(cfg)
@@ -256,6 +258,7 @@ def test_quiz_judge_real_run_counts_unparseable(ray_local, model_path):
     assert summary["sources"] == 1 and summary["sources_questions_unparseable"] in (0, 1)
 
 
+@pytest.mark.slow
 def test_rubric_judge_real_run_counts_unparseable(ray_local, model_path):
     """Plain prompting (no guided JSON): the 135M judge often answers in prose; those ratings are NaN, counted."""
     cfg = JudgeConfig(type="rubric", llm=_llm(model_path, guided_json=False, max_tokens=48))

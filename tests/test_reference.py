@@ -21,6 +21,7 @@ def batch(model_path):
     return {"prompt_ids": col("prompt_ids"), "chosen_ids": col("chosen_ids"), "rejected_ids": col("rejected_ids")}
 
 
+@pytest.mark.slow
 def test_vllm_backend_agrees_with_transformers(batch, model_path):
     hf = ReferenceLogProbProcessor(model_path, dtype="float32")({k: v.copy() for k, v in batch.items()})
     vl = VLLMReferenceLogProbProcessor(model_path, dtype="float32", max_model_len=1024)(
@@ -58,6 +59,7 @@ def test_lm_head_window_scores_the_same_as_the_full_forward(batch, model_path):
     torch.testing.assert_close(off, full, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_tokenised_pairs_reach_the_reference_pool_in_many_blocks(ray_local, model_path):
     """The pool's input keeps num_devices x num_data_blocks_per_device blocks. Tokenising bundled small blocks into
     one once, and the trainer's first batch then waited for the reference pass over the whole epoch."""
