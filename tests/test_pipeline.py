@@ -32,7 +32,7 @@ def manifest(out: Path, stage: str) -> dict:
 
 
 def run(script: str, config: str, out: Path, *sets: str):
-    proc = run_stage(script, QUICK / config, f"output_dir={out}", *sets)
+    proc = run_stage(script, QUICK / config, f"output_dir={out}", *sets, timeout=1800)  # shared CI runners are slow
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
