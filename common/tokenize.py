@@ -5,9 +5,12 @@ log-prob actors and the DPO trainer (so both score exactly the same tokens).
   itself, so a BOS the template writes is never doubled by `add_special_tokens`.
 - A response is `tokens(text) + [eos]`, tokenised without special tokens: the loss sees the end-of-turn token
   the model must learn to emit, exactly once (TRL #4481, Axolotl #1616 are that bug).
-- Too long: the prompt is cut from the left to `max_prompt_length` (its end, next to the response, matters most);
-  if the pair still does not fit, it is dropped (counted) or its responses are cut, per config. The response is
-  never silently cut to make room for the prompt (TRL #2209).
+- Too long: the text of the prompt's last user message is cut from the left until the rendered prompt fits
+  `max_prompt_length` (its end, next to the response, matters most). The template is rendered again around the
+  shorter text, so its special tokens, role markers and system turn stay whole; cutting the rendered ids instead
+  would train on a sequence with no opening header. A prompt that does not fit even with an empty message is
+  dropped (counted, as too long). If the pair still does not fit, it is dropped (counted) or its responses are
+  cut, per config. The response is never silently cut to make room for the prompt (TRL #2209).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import numpy as np
 from common import schema as S
 
 DROP_EMPTY, DROP_TOO_LONG = "empty_response", "too_long"
+_MAX_CUTS = 8  # rounds of cutting a long prompt's message before dropping it (one settles it on ACLSum)
 
 
 @functools.lru_cache(maxsize=4)
@@ -34,6 +38,31 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 def prompt_ids(tok, messages: list[dict[str, str]]) -> list[int]:
     msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
     return list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def fit_prompt(tok, messages: list[dict[str, str]], max_prompt_length: int) -> list[int] | None:
+    """The prompt's ids within `max_prompt_length`, the last user message's text cut from the left as needed;
+    None if even an empty message does not fit (a long system prompt, say)."""
+    ids = prompt_ids(tok, messages)
+    if len(ids) <= max_prompt_length:
+        return ids
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not users:
+        return None
+    last = users[-1]
+    content = tok(messages[last]["content"], add_special_tokens=False)["input_ids"]
+    # Decoding a cut and rendering it again can merge or split tokens at the cut, so measure and cut again: the
+    # text shrinks every round, and the bound stops a tokenizer that would settle one token a round.
+    for _ in range(_MAX_CUTS):
+        content = content[len(ids) - max_prompt_length:]
+        text = tok.decode(content).lstrip("\ufffd")  # a cut inside a multi-byte character leaves a stray piece
+        msgs = [dict(m, content=text) if i == last else m for i, m in enumerate(messages)]
+        ids = prompt_ids(tok, msgs)
+        if len(ids) <= max_prompt_length:
+            return ids
+        if not content:
+            return None
+    return None
 
 
 def response_ids(tok, text: str) -> list[int]:
@@ -54,7 +83,9 @@ def tokenize_pair(tok, prompt: list[dict], chosen: Any, rejected: Any, max_lengt
     c_text, r_text = response_text(chosen), response_text(rejected)
     if not c_text.strip() or not r_text.strip():
         return DROP_EMPTY
-    p = prompt_ids(tok, prompt)[-max_prompt_length:]
+    p = fit_prompt(tok, prompt, max_prompt_length)
+    if p is None:
+        return DROP_TOO_LONG
     c, r = response_ids(tok, c_text), response_ids(tok, r_text)
     room = max_length - len(p)
     if max(len(c), len(r)) > room:

@@ -1,4 +1,5 @@
-"""Shared test set-up: the repo root on sys.path, offline hub, and one local Ray per test session."""
+"""Shared test set-up: the repo root on sys.path, offline hub, the test extras checked, a local Ray per module, and
+`run_stage` to run a stage script as a user would."""
 import os
 import sys
 from pathlib import Path
@@ -14,6 +15,29 @@ import pytest  # noqa: E402
 
 MODEL = REPO / "models" / "smollm2-135m-instruct"
 EMBEDDER = REPO / "models" / "all-MiniLM-L6-v2"
+
+
+def pytest_configure(config):
+    """A test extra that is missing (or at another version than pinned) stops the run here, loudly: a test that
+    skipped on it instead would pass CI without testing anything."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    bad = []
+    for line in (REPO / "requirements-test.txt").read_text().splitlines():
+        if not line.split("#")[0].strip():
+            continue
+        req = Requirement(line.split("#")[0])
+        try:
+            version = metadata.version(req.name)
+        except metadata.PackageNotFoundError:
+            version = None
+        if version is None or not req.specifier.contains(version, prereleases=True):
+            bad.append(f"{req} ({f'installed: {version}' if version else 'not installed'})")
+    if bad:
+        raise pytest.UsageError(f"test dependencies: {', '.join(bad)}; run `bash scripts/test.sh` (it installs "
+                                f"requirements-test.txt)")
 
 
 @pytest.fixture(scope="session")

@@ -32,6 +32,7 @@ def test_config_validates(path):
     assert cfg.output_dir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", [p for p in CONFIGS if p.parent.name == "gpu"], ids=lambda p: p.name)
 def test_gpu_config_dry_run_prints_the_resource_plan(path):
     script = REPO / SCRIPTS[stage_of(path)]
@@ -77,6 +78,7 @@ BAD = {  # case -> (stage, --set overrides or YAML text, what the one line must 
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_config_is_one_line_exit_2_nothing_written(tmp_path, case):
     stage, sets, expect = BAD[case]

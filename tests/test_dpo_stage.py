@@ -18,6 +18,8 @@ import pytest
 from common.io import read_manifest
 from conftest import REPO, one_line_error, run_stage
 
+pytestmark = pytest.mark.slow  # starts Ray / vLLM / stage subprocesses: not in `scripts/test.sh --fast`
+
 CONFIG = REPO / "configs/quickstart/03_dpo_train.yaml"
 SCRIPT = "03_dpo_train/train.py"
 

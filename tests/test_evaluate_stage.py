@@ -20,6 +20,8 @@ from common.io import StageOutput
 from common.plots import plot_training_curves
 from conftest import REPO, run_stage
 
+pytestmark = pytest.mark.slow  # starts Ray / vLLM / stage subprocesses: not in `scripts/test.sh --fast`
+
 SCRIPT = "04_evaluate/evaluate.py"
 QUICKSTART = REPO / "configs/quickstart/04_evaluate.yaml"
 GPU = REPO / "configs/gpu/04_evaluate.yaml"

@@ -7,6 +7,8 @@ import pytest
 
 from conftest import REPO, one_line_error, run_stage
 
+pytestmark = pytest.mark.slow  # starts Ray / vLLM / stage subprocesses: not in `scripts/test.sh --fast`
+
 CONFIG = REPO / "configs/quickstart/01_generate.yaml"
 SCRIPT = "01_generate/generate.py"
 TEXTS = {

@@ -13,6 +13,8 @@ from common import schema as S
 from common.config import REPO
 from conftest import run_stage
 
+pytestmark = pytest.mark.slow  # starts Ray / vLLM / stage subprocesses: not in `scripts/test.sh --fast`
+
 QUICK = REPO / "configs" / "quickstart" / "02_judge.yaml"
 GPU = REPO / "configs" / "gpu" / "02_judge.yaml"
 JUDGE = "02_judge/judge.py"

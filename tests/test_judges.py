@@ -214,6 +214,7 @@ def _scores(ray, judge_cfg, rows):
     return {r["key"]: r for r in out}
 
 
+@pytest.mark.slow
 def test_similarity_judge_is_meaningful_on_aclsum(ray_local):
     """Own human summary vs another paper's: the faithful one must win >= 90%; the abstract itself vs its human
     summary (both faithful): the pairing rule must prefer the shorter >= 90%."""
@@ -271,6 +272,7 @@ def _judged(ray, cfg: JudgeConfig):
     return judge, out, details
 
 
+@pytest.mark.slow
 def test_quiz_judge_real_run_with_structured_outputs(ray_local, model_path):
     """With vLLM's structured outputs (the default) both replies follow their pydantic model's schema, so every one
     parses: the 135M judge's answers are poor, but they are graded, never NaN."""
@@ -285,6 +287,7 @@ def test_quiz_judge_real_run_with_structured_outputs(ray_local, model_path):
         assert r[S.SCORE] == d["correct"] and d["correct"] + d["unsure"] + d["wrong"] == 3, d
 
 
+@pytest.mark.slow
 def test_rubric_judge_real_run_with_structured_outputs(ray_local, model_path):
     """Guided JSON: every rating is a {"score": n} with n in 1..10, read as such."""
     cfg = JudgeConfig(type="rubric", llm=_llm(model_path, max_tokens=48))
@@ -294,6 +297,7 @@ def test_rubric_judge_real_run_with_structured_outputs(ray_local, model_path):
     assert judge.summary(details)["mean_rating"] == pytest.approx(sum(r[S.SCORE] for r in out) / len(out), abs=1e-3)
 
 
+@pytest.mark.slow
 def test_rubric_judge_real_run_without_structured_outputs(ray_local, model_path):
     """Plain prompting: the 135M judge answers in prose that holds no rating, so every row is NaN, counted as
     rating_unparseable with the reply kept; what it said really does not parse (it is not lost on the way)."""

@@ -21,6 +21,7 @@ def batch(model_path):
     return {"prompt_ids": col("prompt_ids"), "chosen_ids": col("chosen_ids"), "rejected_ids": col("rejected_ids")}
 
 
+@pytest.mark.slow
 def test_vllm_backend_agrees_with_transformers(batch, model_path):
     hf = ReferenceLogProbProcessor(model_path, dtype="float32")({k: v.copy() for k, v in batch.items()})
     vl = VLLMReferenceLogProbProcessor(model_path, dtype="float32", max_model_len=1024)(
@@ -61,6 +62,7 @@ def test_model_logps_scores_the_same_as_a_full_batched_forward(batch, model_path
     assert cut.dtype == sums_cut.dtype == torch.float32 and n_cut.dtype == torch.int64
 
 
+@pytest.mark.slow
 def test_tokenised_pairs_reach_the_reference_pool_in_many_blocks(ray_local, model_path):
     """The pool's input keeps num_devices x num_data_blocks_per_device blocks. Tokenising bundled small blocks into
     one once, and the trainer's first batch then waited for the reference pass over the whole epoch."""

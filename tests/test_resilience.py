@@ -10,9 +10,12 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from conftest import REPO, run_stage
 from test_dpo_stage import write_pairs
+
+pytestmark = pytest.mark.slow  # starts Ray / vLLM / stage subprocesses: not in `scripts/test.sh --fast`
 
 GEN_CONFIG = REPO / "configs/quickstart/01_generate.yaml"
 DPO_CONFIG = REPO / "configs/quickstart/03_dpo_train.yaml"

@@ -1,8 +1,8 @@
 """common.tokenize on the real embedded tokenizer: the one tokenisation the reference actors and the trainer share."""
 import pytest
 
-from common.tokenize import (DROP_EMPTY, DROP_TOO_LONG, collate_pairs, load_tokenizer, prompt_ids, response_ids,
-                             tokenize_pair)
+from common.tokenize import (DROP_EMPTY, DROP_TOO_LONG, collate_pairs, fit_prompt, load_tokenizer, prompt_ids,
+                             response_ids, tokenize_pair)
 
 IM_START, IM_END = 1, 2
 PROMPT = [{"role": "user", "content": "Summarize: the cat sat on the mat."}]
@@ -33,12 +33,46 @@ def test_pair_round_trips_to_the_chat_template(tok):
     assert tok.decode(t["prompt_ids"] + t["chosen_ids"]) + "\n" == full
 
 
-def test_long_prompt_is_cut_from_the_left_and_the_response_kept(tok):
-    long_prompt = [{"role": "user", "content": "word " * 300 + "END"}]
+def template_around_content(tok, messages):
+    """(ids before the last user message's text, ids after it) in the template's rendering of `messages`."""
+    empty = prompt_ids(tok, messages[:-1] + [{"role": "user", "content": ""}])
+    tail = tok("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    assert empty[-len(tail):] == tail
+    return empty[:-len(tail)], tail
+
+
+@pytest.mark.parametrize("system", [None, "You are a careful summarizer."])
+def test_long_prompt_loses_the_start_of_its_text_never_the_template(tok, system):
+    """Only the user's text is cut (from the left: its end sits next to the response); the template's opening
+    (<|im_start|>, the system turn, the user header) and its generation prompt stay whole."""
+    turns = [{"role": "system", "content": system}] if system else []
+    long_prompt = turns + [{"role": "user", "content": "word " * 300 + "END"}]
     t = tokenize_pair(tok, long_prompt, "short answer", "another answer", max_length=128, max_prompt_length=64)
-    assert len(t["prompt_ids"]) == 64
-    assert tok.decode(t["prompt_ids"]).endswith("END<|im_end|>\n<|im_start|>assistant\n")
+    p = t["prompt_ids"]
+    head, tail = template_around_content(tok, long_prompt)
+    assert len(p) <= 64 and p[:len(head)] == head and p[-len(tail):] == tail
+    assert p[0] == IM_START and p.count(IM_START) == 3  # system (the default one if none given), user, assistant
+    text = tok.decode(p[len(head):-len(tail)])
+    assert text.endswith("word END") and ("word " * 300 + "END").endswith(text.lstrip())
     assert tok.decode(t["chosen_ids"]) == "short answer<|im_end|>"
+
+
+def test_long_prompt_fills_its_budget(tok):
+    """The cut keeps as much text as fits: one more token would not."""
+    long_prompt = [{"role": "user", "content": "the quick brown fox jumps over the lazy dog. " * 40}]
+    for budget in (40, 57, 100):
+        p = fit_prompt(tok, long_prompt, budget)
+        assert budget - 2 <= len(p) <= budget
+
+
+def test_prompt_whose_template_alone_is_too_long_is_dropped(tok):
+    long_system = [{"role": "system", "content": "Be brief. " * 50}, {"role": "user", "content": "Hi."}]
+    assert fit_prompt(tok, long_system, 32) is None
+    assert tokenize_pair(tok, long_system, "ok then", "fine then", 128, 32) == DROP_TOO_LONG
+
+
+def test_prompt_that_fits_is_rendered_unchanged(tok):
+    assert fit_prompt(tok, PROMPT, 384) == prompt_ids(tok, PROMPT)
 
 
 def test_pairs_that_do_not_fit_are_dropped_or_truncated(tok):
