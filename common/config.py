@@ -314,7 +314,7 @@ class DPOStageConfig(StageBase):
     reference_model_id: Optional[str] = None  # None = model_id (the usual DPO setup)
     dtype: Literal["float32", "bfloat16"] = "bfloat16"  # policy and reference (AVX512-BF16 CPUs, GPUs)
     context_length: int = Field(default=512, gt=0)  # max prompt + response tokens per sequence
-    max_prompt_length: int = Field(default=384, gt=0)  # prompts are cut from the left to this first
+    max_prompt_length: int = Field(default=384, gt=0)  # a longer prompt loses the start of its last user message
     truncation: Literal["drop", "truncate_response"] = "drop"  # what to do with pairs that still do not fit
     num_devices: int = Field(default=1, gt=0)  # training workers
     worker_resources: dict[str, float] = {"accelerator_type:A100": 0.001}  # custom resources per worker

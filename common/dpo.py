@@ -20,7 +20,7 @@ from common.data import num_blocks, read_table
 from common.errors import UserError
 from common.io import fingerprint
 from common.ray_setup import Ask
-from common.tokenize import DROP_EMPTY, load_tokenizer, tokenize_pairs_batch
+from common.tokenize import DROP_EMPTY, TOKENIZATION_VERSION, load_tokenizer, tokenize_pairs_batch
 
 
 def plan(cfg: DPOStageConfig) -> list[Ask]:
@@ -140,6 +140,7 @@ def reference_cache(cfg: DPOStageConfig, ref_path: str, source: dict, upstream: 
         "model": _model_identity(ref_path), "data": source["fingerprint"], "dtype": cfg.dtype,
         "backend": ptc.reference_backend, "context_length": cfg.context_length,
         "max_prompt_length": cfg.max_prompt_length, "truncation": cfg.truncation,
+        "tokenization": TOKENIZATION_VERSION,
     }, sort_keys=True)
     fp = hashlib.sha256(key.encode()).hexdigest()[:16]
     root = Path(upstream["dir"]) if upstream else resolve(cfg.output_dir)

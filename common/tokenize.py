@@ -22,6 +22,8 @@ import numpy as np
 from common import schema as S
 
 DROP_EMPTY, DROP_TOO_LONG = "empty_response", "too_long"
+# Part of the reference cache's key: a change to how pairs become token ids must not reuse old log-probs.
+TOKENIZATION_VERSION = 2
 _MAX_CUTS = 8  # rounds of cutting a long prompt's message before dropping it (one settles it on ACLSum)
 
 

@@ -4,6 +4,8 @@ import json
 import re
 from collections import Counter
 
+import pytest
+
 from conftest import REPO, run_stage
 
 from common.summary import main as summary_main
@@ -12,6 +14,7 @@ from common.summary import summarize
 MAX_LINES = 10  # the resource plan (3 lines) and the stage's one-line summary, with room for a note or two
 
 
+@pytest.mark.slow
 def test_a_real_stage_1_run_is_quiet(tmp_path):
     proc = run_stage("01_generate/generate.py", REPO / "configs/quickstart/01_generate.yaml",
                      "data.limit=3", "sampling.n=2", "sampling.max_tokens=16", f"output_dir={tmp_path}")
