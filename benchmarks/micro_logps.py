@@ -10,7 +10,7 @@ quickstart's reference `batch_size` (4) differing from its `train_batch_size_per
 disagreed at step 0 although they are the same model. Variant B is the current `model_logps`: each sequence alone,
 unpadded, LM head on its own response window; its log-prob no longer depends on the batch.
 
-Each process builds the policy as the trainer does (`_build_model`: LoRA, train mode) and the reference as the
+Each process builds the policy as the trainer does (`build_model`: LoRA, train mode) and the reference as the
 actor does (eval, `inference_mode`), scores the reference batch (timed: the actor's seconds per pair), then trains
 on the trainer batch: forward + log-probs + DPO loss + backward + AdamW (timed; the first step is warm-up). It
 records step 0's max |policy - reference| log-prob. Variants alternate A-B, B-A in fresh processes so each peak RSS
@@ -54,7 +54,7 @@ def worker(args) -> None:
     from common.config import load_config
     from common.dpo_loss import dpo_loss, model_logps
     from common.tokenize import collate_pairs, load_tokenizer, tokenize_pair
-    from common.train_loop import _build_model
+    from common.train_loop import build_model
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -63,7 +63,7 @@ def worker(args) -> None:
     ref_bs = cfg.preference_tuning_config.logprob_processor_scaling_config.batch_size
     train_bs = cfg.train_batch_size_per_device
     dtype = getattr(torch, cfg.dtype)
-    policy = _build_model(cfg, dtype)
+    policy = build_model(cfg, dtype)
     reference = AutoModelForCausalLM.from_pretrained(cfg.model_id, dtype=dtype).eval()
     tok = load_tokenizer(cfg.model_id)
     rows = [json.loads(line) for line in open(REPO / "data/aclsum/test.jsonl")][args.offset:args.offset + ref_bs]

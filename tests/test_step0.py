@@ -19,7 +19,7 @@ from common.config import load_config
 from common.dpo_loss import dpo_loss, model_logps, supports_logits_to_keep
 from common.reference import ReferenceLogProbProcessor
 from common.tokenize import collate_pairs, load_tokenizer, tokenize_pair
-from common.train_loop import _build_model
+from common.train_loop import build_model
 from conftest import REPO
 
 CONFIG = REPO / "configs/quickstart/03_dpo_train.yaml"
@@ -67,7 +67,7 @@ def reference_logps(pairs, model_path):
 def policy(model_path):
     cfg = load_config("03_dpo_train", str(CONFIG), ["train_path=x", f"model_id={model_path}"])
     assert cfg.dtype == "bfloat16" and cfg.lora_config is not None
-    model = _build_model(cfg, torch.bfloat16)
+    model = build_model(cfg, torch.bfloat16)
     assert model.training
     return model
 
