@@ -234,7 +234,11 @@ def emit(result: dict) -> None:
     print("BENCH_RESULT " + json.dumps(result), flush=True)
 
 
-def save(result: dict, path: Path) -> None:
+def save(result: dict, out: str | None, name: str) -> None:
+    """To `out`, or to benchmarks/results/<name>-<today>.json."""
+    import datetime
+
+    path = Path(out) if out else REPO / "benchmarks/results" / f"{name}-{datetime.date.today().isoformat()}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str))
     print(f"[bench] results written to {path}", flush=True)

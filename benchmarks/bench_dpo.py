@@ -348,8 +348,7 @@ def main() -> None:
     for k, v in result["targets"].items():
         print(f"    TARGET {k}: measured {v['measured']} (target <= {v['target']}) -> "
               f"{'met' if v['met'] else 'MISSED'}", flush=True)
-    save(result, Path(args.out) if args.out else REPO / "benchmarks/results" /
-         f"dpo-{datetime.date.today().isoformat()}.json")
+    save(result, args.out, "dpo")
 
 
 if __name__ == "__main__":

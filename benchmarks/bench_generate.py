@@ -357,8 +357,7 @@ def main() -> None:
     if cf is not None:
         print(f"    with the proposed fix: (cf)/(b) = {summary['ratio_cf_over_b']}, (cf)/(a) = "
               f"{summary['ratio_cf_over_a']}, (cf)/(c) = {summary['ratio_cf_over_c']}", flush=True)
-    save(result, Path(args.out) if args.out else REPO / "benchmarks/results" /
-         f"generate-{datetime.date.today().isoformat()}.json")
+    save(result, args.out, "generate")
 
 
 if __name__ == "__main__":

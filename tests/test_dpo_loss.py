@@ -373,13 +373,7 @@ def test_batch_loss_and_metrics_match_trl(loss_type, label_smoothing):
     )
     ours = dpo_metrics(losses, chosen_rewards, rejected_rewards, policy[:num_pairs], policy[num_pairs:])
 
-    inputs = {
-        "input_ids": torch.zeros_like(completion_mask),
-        "attention_mask": torch.ones_like(completion_mask),
-        "completion_mask": completion_mask,
-        "ref_chosen_logps": ref[:num_pairs],
-        "ref_rejected_logps": ref[num_pairs:],
-    }
+    inputs = _trl_inputs(completion_mask, ref)
     trl_loss, trl_metrics = _trl_compute_loss(_FixedLogProbs(per_token), inputs, loss_type, 0.1, label_smoothing)
     assert 0 < ours["rewards/accuracies"] < 1  # a mixed batch, so the accuracy check means something
     assert ours["loss"] == pytest.approx(trl_loss.item(), rel=1e-5, abs=1e-5)
@@ -388,18 +382,18 @@ def test_batch_loss_and_metrics_match_trl(loss_type, label_smoothing):
             assert value == pytest.approx(trl_metrics[name], rel=1e-5, abs=1e-5), name
 
 
+def _trl_inputs(completion_mask, ref):
+    """What TRL's `_compute_loss` reads besides the log-probs (which `_FixedLogProbs` supplies)."""
+    n = len(ref) // 2
+    return {"input_ids": torch.zeros_like(completion_mask), "attention_mask": torch.ones_like(completion_mask),
+            "completion_mask": completion_mask, "ref_chosen_logps": ref[:n], "ref_rejected_logps": ref[n:]}
+
+
 def test_trl_sigmoid_ignores_label_smoothing():
     """Pins the one formula difference we keep on purpose: TRL 1.16's `sigmoid` reads no label_smoothing, ours is
     cDPO. If a TRL upgrade changes this, revisit `dpo_loss` and the module docstring."""
     per_token, completion_mask, ref = _random_pairs(seed=2)
-    num_pairs = len(ref) // 2
-    inputs = {
-        "input_ids": torch.zeros_like(completion_mask),
-        "attention_mask": torch.ones_like(completion_mask),
-        "completion_mask": completion_mask,
-        "ref_chosen_logps": ref[:num_pairs],
-        "ref_rejected_logps": ref[num_pairs:],
-    }
+    inputs = _trl_inputs(completion_mask, ref)
     plain, _ = _trl_compute_loss(_FixedLogProbs(per_token), inputs, "sigmoid", 0.1, 0.0)
     smoothed, _ = _trl_compute_loss(_FixedLogProbs(per_token), inputs, "sigmoid", 0.1, 0.1)
     assert_close(plain, smoothed)
