@@ -172,7 +172,8 @@ def train(cfg: DPOStageConfig, tokenized, cache: dict, policy: str, ref: str, wo
     if force:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(work / "reference_actors", ignore_errors=True)
+    for d in ("reference_actors", "trainers"):  # provenance of this run only
+        shutil.rmtree(work / d, ignore_errors=True)
     num_pairs = tokenized.count()
     ds = _with_cached_logps(tokenized, cache["path"]) if cache["hit"] else None
     if ds is None:
@@ -187,6 +188,7 @@ def train(cfg: DPOStageConfig, tokenized, cache: dict, policy: str, ref: str, wo
             "cfg": run_cfg.model_dump(mode="json"), "num_pairs": num_pairs,
             "metrics_file": str(work / "metrics.jsonl"), "error_file": str(work / "error.txt"),
             "ref_cache_tmp": None if cache["hit"] else str(cache["tmp"]),
+            "provenance_dir": str(work / "trainers"),
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.num_devices, use_gpu=cfg.use_gpu,
@@ -217,6 +219,9 @@ def train(cfg: DPOStageConfig, tokenized, cache: dict, policy: str, ref: str, wo
         # where the reference ran: one entry per actor process (a restarted actor adds one)
         "reference_actors": [json.loads(f.read_text()) for f in sorted((work / "reference_actors").glob("*.json"))],
         "trainer_pids": sorted({m["trainer_pid"] for m in metrics if "trainer_pid" in m}),
+        # where the trainers ran: one entry per worker process (a restarted group adds its own)
+        "trainers": [json.loads(f.read_text()) for f in sorted((work / "trainers").glob("*.json"))],
+        "trainer_node_ids": sorted({json.loads(f.read_text())["node_id"] for f in (work / "trainers").glob("*.json")}),
     }
     return {"final_dir": final, "num_pairs": num_pairs, "metrics_file": work / "metrics.jsonl", "stats": stats,
             "cleanup": lambda: shutil.rmtree(work, ignore_errors=True)}

@@ -24,6 +24,7 @@ import torch
 
 from common import schema as S
 from common.dpo_loss import dpo_loss, dpo_metrics, model_logps, supports_logits_to_keep
+from common.reference import record_provenance
 from common.tokenize import collate_pairs
 
 BATCH_COLUMNS = [S.PROMPT_IDS, S.CHOSEN_IDS, S.REJECTED_IDS, S.REF_CHOSEN_LOGPS, S.REF_REJECTED_LOGPS, S.PAIR_ID,
@@ -127,6 +128,7 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = DPOStageConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    record_provenance(config.get("provenance_dir"), rank=rank)
     torch.manual_seed(cfg.seed + rank)
     torch.set_num_threads(max(1, int(config.get("torch_threads", cfg.num_cpus_per_worker))))
     dtype = getattr(torch, cfg.dtype)
