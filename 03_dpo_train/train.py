@@ -14,6 +14,10 @@ transformers and vLLM), the LoRA adapter (`adapter/`), per-step metrics and trai
 import sys
 from pathlib import Path
 
+# torch before Ray: as a `ray job submit` driver, torch loaded after Ray's libraries dies in its MKL loader
+# ("Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so", seen with Ray 2.60 / torch 2.13).
+import torch  # noqa: E402,F401
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import schema as S  # noqa: E402
