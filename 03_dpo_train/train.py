@@ -17,6 +17,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+# torch before Ray: as a `ray job submit` driver, torch loaded after Ray's libraries dies in its MKL loader
+# ("Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so", seen with Ray 2.60 / torch 2.13).
+import torch  # noqa: E402,F401
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import schema as S  # noqa: E402
@@ -64,7 +68,8 @@ def main() -> None:
 
     # Ray Train's checkpoints and the metrics log: a rerun of the same config after a crash resumes from here.
     work = out.work_dir()  # marked as this stage's own; --force starts it over
-    shutil.rmtree(work / "reference_actors", ignore_errors=True)  # provenance of this run's actors only
+    for d in ("reference_actors", "trainers"):  # provenance of this run's processes only
+        shutil.rmtree(work / d, ignore_errors=True)
     error_file = work / "error.txt"
     error_file.unlink(missing_ok=True)
 
@@ -81,7 +86,7 @@ def main() -> None:
         train_loop_config={
             "cfg": cfg.model_copy(update={"model_id": policy}).model_dump(mode="json"), "num_pairs": num_pairs,
             "metrics_file": str(work / "metrics.jsonl"), "error_file": str(error_file),
-            "ref_cache_tmp": None if cache.hit else str(cache.tmp),
+            "ref_cache_tmp": None if cache.hit else str(cache.tmp), "provenance_dir": str(work / "trainers"),
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.num_devices, use_gpu=cfg.use_gpu,

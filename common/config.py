@@ -107,6 +107,17 @@ class StageBase(Base):
     output_dir: str = "outputs/quickstart"  # each stage writes <output_dir>/<NN_stage>/
     ray: RayConfig = RayConfig()
 
+    @field_validator("ray")
+    @classmethod
+    def _shared_output_dir(cls, v, info):
+        # On a cluster every node writes under output_dir, and a `ray job submit` job runs in a temporary copy of
+        # the code, where a relative path would resolve and its outputs vanish with it.
+        out = info.data.get("output_dir")
+        if v.address and out and not Path(out).expanduser().is_absolute():
+            raise ValueError(f"output_dir {out} is relative, but with ray.address set it must be an absolute path "
+                             f"on storage every node sees (e.g. /mnt/cluster_storage/run)")
+        return v
+
 
 # ---------------------------------------------------------------- stage 1
 class GenerateConfig(StageBase):

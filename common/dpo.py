@@ -184,6 +184,11 @@ class TrainResult:
     stats: dict
 
 
+def _provenance(folder: Path) -> list[dict]:
+    """The JSON each worker process left in `folder` (common.reference.record_provenance)."""
+    return [json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))]
+
+
 def read_train_result(work: Path, final_dir: Path, num_pairs: int, logging_steps: int) -> TrainResult:
     """Summarise a finished run from its metrics log and the reference actors' provenance files in `work`."""
     metrics_file = work / "metrics.jsonl"
@@ -197,7 +202,9 @@ def read_train_result(work: Path, final_dir: Path, num_pairs: int, logging_steps
         "ref_wait_seconds": sum(m.get("ref_wait_seconds", 0.0) for m in metrics),
         "train_seconds": sum(m.get("step_seconds", 0.0) * logging_steps for m in metrics),
         # where the reference ran: one entry per actor process (a restarted actor adds one)
-        "reference_actors": [json.loads(f.read_text()) for f in sorted((work / "reference_actors").glob("*.json"))],
+        "reference_actors": _provenance(work / "reference_actors"),
         "trainer_pids": sorted({m["trainer_pid"] for m in metrics if "trainer_pid" in m}),
+        "trainers": _provenance(work / "trainers"),
+        "trainer_node_ids": sorted({t["node_id"] for t in _provenance(work / "trainers")}),
     }
     return TrainResult(final_dir=final_dir, metrics_file=metrics_file, num_pairs=num_pairs, stats=stats)

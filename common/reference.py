@@ -21,8 +21,9 @@ import numpy as np
 from common import schema as S
 
 
-def _record_provenance(folder: str | None) -> None:
-    """One small JSON per actor process: its pid and the Ray resources it was given (stage 3 reports them)."""
+def record_provenance(folder: str | None, **extra) -> None:
+    """One small JSON per Ray worker process (reference actor or trainer): its pid, Ray node and the Ray resources
+    it was given, so stage 3's manifest shows where each ran."""
     if not folder:
         return
     import json
@@ -30,7 +31,8 @@ def _record_provenance(folder: str | None) -> None:
     import ray
 
     Path(folder).mkdir(parents=True, exist_ok=True)
-    info = {"pid": os.getpid(), "resources": ray.get_runtime_context().get_assigned_resources()}
+    ctx = ray.get_runtime_context()
+    info = {"pid": os.getpid(), "node_id": ctx.get_node_id(), "resources": ctx.get_assigned_resources(), **extra}
     (Path(folder) / f"{os.getpid()}.json").write_text(json.dumps(info))
 
 
@@ -61,7 +63,7 @@ class ReferenceLogProbProcessor:
         from common.dpo_loss import supports_logits_to_keep
 
         self.window = supports_logits_to_keep(self.model)
-        _record_provenance(provenance_dir)
+        record_provenance(provenance_dir)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from common.dpo_loss import model_logps
@@ -84,7 +86,7 @@ class VLLMReferenceLogProbProcessor:
                  tensor_parallel_size: int = 1, max_model_len: int = 2048, provenance_dir: str | None = None):
         from vllm import LLM, SamplingParams
 
-        _record_provenance(provenance_dir)
+        record_provenance(provenance_dir)
         on_cpu = not _has_cuda()
         if on_cpu:  # else vLLM claims 92% of the host's memory for its KV cache
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

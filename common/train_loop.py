@@ -29,6 +29,7 @@ from common import schema as S
 from common.config import DPOStageConfig
 from common.dpo_loss import dpo_loss, dpo_metrics, model_logps, supports_logits_to_keep
 from common.progress import step_line
+from common.reference import record_provenance
 from common.tokenize import collate_pairs
 
 BATCH_COLUMNS = [S.PROMPT_IDS, S.CHOSEN_IDS, S.REJECTED_IDS, S.REF_CHOSEN_LOGPS, S.REF_REJECTED_LOGPS, S.PAIR_ID,
@@ -94,7 +95,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
     cfg = DPOStageConfig.model_validate(config["cfg"])
-    run = setup(cfg, config["num_pairs"])
+    run = setup(cfg, config["num_pairs"], config.get("provenance_dir"))
     feed = Feed(cfg, ray.train.get_dataset_shard("train"))
     log = MetricsLog(Path(config["metrics_file"]))
     if ray.train.get_checkpoint():  # the driver shows the resume from the first record (common.progress)
@@ -156,7 +157,7 @@ def build_model(cfg: DPOStageConfig, dtype: torch.dtype) -> torch.nn.Module:
     return model.train()  # from_pretrained returns eval mode, where gradient checkpointing is off
 
 
-def setup(cfg: DPOStageConfig, num_pairs: int) -> Run:
+def setup(cfg: DPOStageConfig, num_pairs: int, provenance_dir: str | None = None) -> Run:
     """Model (wrapped for DDP/FSDP by Ray Train), AdamW, the LR schedule; then the latest checkpoint, if Ray Train
     restarted this worker group or a rerun found one."""
     import ray.train
@@ -165,6 +166,7 @@ def setup(cfg: DPOStageConfig, num_pairs: int) -> Run:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    record_provenance(provenance_dir, rank=rank)  # where this trainer ran (stage 3's manifest)
     torch.manual_seed(cfg.seed + rank)
     torch.set_num_threads(max(1, int(cfg.num_cpus_per_worker)))
     model = build_model(cfg, getattr(torch, cfg.dtype))
