@@ -124,11 +124,8 @@ def main() -> None:
     parser.add_argument("--force", action="store_true", help="rebuild even when present")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if not sys.stderr.isatty():  # transformers' conversion/loading bars are cursor-control debris in a log
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+    if not sys.stderr.isatty():  # the conversion's tqdm bars are cursor-control debris in a log
+        os.environ.setdefault("TQDM_DISABLE", "1")
     jobs = [
         (POLICY_DIR, _convert_policy, "SmolLM2-135M-Instruct (GGUF -> HF, bf16)"),
         (EMBEDDER_DIR, _export_embedder, "all-MiniLM-L6-v2 embedder"),
