@@ -84,7 +84,7 @@ def print_plan(stage: str, asks: list[Ask], cfg: RayConfig) -> None:
     print(f"[{stage}] resource plan on {where}:", flush=True)
     for a in asks:
         res = ", ".join(f"{k}: {v:g}" for k, v in a.resources.items()) or "-"
-        print(f"    {a.count:>3} x {a.what:<38} {{{res}}}", flush=True)
+        print(f"[{stage}]   {a.count:>3} x {a.what:<38} {{{res}}}", flush=True)  # tagged: no line repeats
 
 
 def check_fits(stage: str, asks: list[Ask], cfg: RayConfig) -> None:

@@ -35,6 +35,8 @@ def _produced(stage: str, m: dict) -> str:
 def _where(stage: str, m: dict, folder: Path) -> str:
     target = {"03_dpo_train": m.get("model"), "04_evaluate": m.get("report")}.get(stage) or folder
     p = Path(target)
+    if not p.is_absolute():  # manifests record paths relative to output_dir (common.io)
+        p = folder.parent / p
     try:
         return str(p.resolve().relative_to(REPO))
     except ValueError:
@@ -71,7 +73,9 @@ def summarize(output_dir: Path, since: float | None = None) -> str:
         last = m if stage == "04_evaluate" else last
     lines.append(f"| total | {_duration(total)} | | |")
     if last is not None and last.get("targets"):
-        lines += [""] + [f"{'PASS' if t['pass'] else 'FAIL'}: {t['check']}" for t in last["targets"]]
+        # as a list, so no line repeats stage 4's own PASS/FAIL lines word for word
+        bar = [f"- {'PASS' if t['pass'] else 'FAIL'}: {t['check']}" for t in last["targets"]]
+        lines += ["", "Stage 4's bar:", *bar]
     return "\n".join(lines) + "\n"
 
 

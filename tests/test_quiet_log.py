@@ -64,10 +64,10 @@ def test_summary_ends_with_stage_4s_bar_and_writes_summary_md(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| 01_generate | 5s | 8 candidates from 3 prompts |" in out
     assert "| 04_evaluate | 1m 01s | 12 judged responses on 6 prompts |" in out
-    assert out.rstrip().splitlines()[-4:-2] == ["PASS: win rate vs sft >= 0.60 (got 0.70)",
-                                                "FAIL: faithfulness drop <= 0.05 (got 0.08)"]
+    assert out.rstrip().splitlines()[-5:-2] == ["Stage 4's bar:", "- PASS: win rate vs sft >= 0.60 (got 0.70)",
+                                                "- FAIL: faithfulness drop <= 0.05 (got 0.08)"]
     written = (tmp_path / "summary.md").read_text()
-    assert "| total | 1m 06s |" in written and written.rstrip().endswith("FAIL: faithfulness drop <= 0.05 (got 0.08)")
+    assert "| total | 1m 06s |" in written and written.rstrip().endswith("- FAIL: faithfulness drop <= 0.05 (got 0.08)")
 
 
 def test_training_progress_lines_from_the_metrics_file(tmp_path, capsys):
