@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from common.io import read_manifest
 from conftest import REPO
 from test_dpo_stage import write_pairs
 
@@ -214,7 +215,7 @@ def test_stage3_job_places_reference_on_a10g_and_trainers_on_a100(cluster, tmp_p
     print(f"stage 3 as a Ray job: {took:.0f}s", flush=True)
 
     # Outputs on the shared storage, none in the job's working dir.
-    m = json.loads((out / "03_dpo_train" / "manifest.json").read_text())
+    m = read_manifest(out / "03_dpo_train", "03_dpo_train")  # its paths resolved (written relative to out)
     assert (out / "03_dpo_train" / "model" / "config.json").exists()
     assert m["stats"]["pairs_trained"] == 8
     rows = [json.loads(line) for line in open(out / "03_dpo_train" / "metrics.jsonl")]
@@ -271,7 +272,7 @@ def test_losing_an_a10g_node_mid_pool_the_epoch_finishes_on_the_other(cluster, t
         if job.poll() is None:
             job.kill()
     assert job.returncode == 0, log[-5000:]
-    m = json.loads((out / "03_dpo_train" / "manifest.json").read_text())
+    m = read_manifest(out / "03_dpo_train", "03_dpo_train")  # its paths resolved (written relative to out)
     survivor = cluster.node_ids[next(n for n in a10g_names if n != killed)]
     refs = m["stats"]["reference_actors"]
     assert survivor in {r["node_id"] for r in refs}, refs  # the pool went on on the other A10G node
