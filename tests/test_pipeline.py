@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from common import schema as S
+from common.io import read_manifest
 from conftest import REPO, run_stage
 
 pytestmark = pytest.mark.slow
@@ -28,7 +29,8 @@ PAIRING = ("pairing.min_length_gap=1",)
 
 
 def manifest(out: Path, stage: str) -> dict:
-    return json.loads((out / stage / "manifest.json").read_text())
+    """A stage's manifest with its paths resolved (they are written relative to output_dir)."""
+    return read_manifest(out / stage, stage)
 
 
 def run(script: str, config: str, out: Path, *sets: str):
