@@ -193,6 +193,7 @@ def read_train_result(work: Path, final_dir: Path, num_pairs: int, logging_steps
     """Summarise a finished run from its metrics log and the reference actors' provenance files in `work`."""
     metrics_file = work / "metrics.jsonl"
     metrics = [json.loads(line) for line in open(metrics_file)] if metrics_file.exists() else []
+    trainers = _provenance(work / "trainers")
     stats = {
         "steps": metrics[-1]["step"] if metrics else 0,
         "final_metrics": metrics[-1] if metrics else {},
@@ -204,7 +205,7 @@ def read_train_result(work: Path, final_dir: Path, num_pairs: int, logging_steps
         # where the reference ran: one entry per actor process (a restarted actor adds one)
         "reference_actors": _provenance(work / "reference_actors"),
         "trainer_pids": sorted({m["trainer_pid"] for m in metrics if "trainer_pid" in m}),
-        "trainers": _provenance(work / "trainers"),
-        "trainer_node_ids": sorted({t["node_id"] for t in _provenance(work / "trainers")}),
+        "trainers": trainers,
+        "trainer_node_ids": sorted({t["node_id"] for t in trainers}),
     }
     return TrainResult(final_dir=final_dir, metrics_file=metrics_file, num_pairs=num_pairs, stats=stats)
