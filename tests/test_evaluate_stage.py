@@ -70,7 +70,10 @@ def write_outputs(path, ids, text=OFF_TOPIC):
 
 
 def settings(run_dir, outputs):
+    # max_num_seqs=1: each prompt decoded alone, so the two greedy runs of one model give the same text (vLLM's CPU
+    # kernels sum in an order that depends on which sequences share a step)
     return (f"output_dir={run_dir}", f"data.limit={N_PROMPTS}", "sampling.max_tokens=48", "bootstrap_samples=200",
+            "engine.max_num_seqs=1",
             f"others=[{{name: offtopic, outputs: {outputs}}}]")
 
 
