@@ -204,7 +204,7 @@ def read_train_result(work: Path, final_dir: Path, num_pairs: int, logging_steps
         "train_seconds": sum(m.get("step_seconds", 0.0) * logging_steps for m in metrics),
         # where the reference ran: one entry per actor process (a restarted actor adds one)
         "reference_actors": _provenance(work / "reference_actors"),
-        "trainer_pids": sorted({m["trainer_pid"] for m in metrics if "trainer_pid" in m}),
+        "trainer_pids": sorted(t["pid"] for t in trainers),  # every rank's process (a restarted one adds one)
         "trainers": trainers,
         "trainer_node_ids": sorted({t["node_id"] for t in trainers}),
     }

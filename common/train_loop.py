@@ -120,10 +120,16 @@ def train_epoch(run: Run, feed: Feed, log: MetricsLog, epoch: int) -> dict | Non
     """One epoch (or what a resumed one has left): the metrics of its last logged step, None if it logged none.
     Raises NonFiniteLoss."""
     ga, p = run.cfg.gradient_accumulation_steps, run.progress
-    last, micro = None, 0
-    for rows in feed.batches(epoch, skip=set(p.done_ids), log=log):
-        p.done_ids.extend(str(r[S.PAIR_ID]) for r in rows)
-        out = forward_loss(run, rows)
+    last, micro, filler = None, 0, None
+    for rows in in_lockstep(run, feed.batches(epoch, skip=set(p.done_ids), log=log)):
+        if rows is None:  # this worker's share ran out first: it steps along, adding nothing
+            out = forward_loss(run, filler)
+            out.loss = out.loss * 0.0
+        else:
+            filler = rows
+            p.done_ids.extend(str(r[S.PAIR_ID]) for r in rows)
+            out = forward_loss(run, rows)
+            log.pairs += len(rows)
         check_finite(run, out, epoch)
         if p.global_step == 0 and micro == 0:
             log.notes.update(step0_max_abs_logp_diff=step0_check(run, out), step0_loss=out.loss.item())
@@ -245,6 +251,28 @@ class Feed:
             torch.set_num_threads(after)  # the reference pool is done: its cores are free
 
 
+def in_lockstep(run: Run, batches: Iterator[list[dict]]) -> Iterator[list[dict] | None]:
+    """The batches, while any worker still has one; None on a worker whose share ran out before the others'.
+    A fresh epoch splits the pairs equally, so this never yields None. An epoch resumed mid-way skips the pairs
+    every worker had trained on (the checkpoint holds all of them), and the workers' shares of what is left can
+    differ: every worker still takes the same number of steps, so every collective (DDP's gradient all-reduce,
+    the metrics) meets."""
+    for rows in batches:
+        if run.world > 1:
+            _workers_with_a_batch(run, True)
+        yield rows
+    while run.world > 1 and _workers_with_a_batch(run, False):
+        yield None
+
+
+def _workers_with_a_batch(run: Run, have: bool) -> int:
+    import torch.distributed as dist
+
+    flag = torch.tensor([float(have)], device=run.device)  # NCCL takes device tensors only
+    dist.all_reduce(flag)
+    return int(flag.item())
+
+
 def _next_batch(rows: Iterator[dict], bs: int, skip: set[str]) -> list[dict]:
     """The next `bs` rows not in `skip`; fewer only at the end of the epoch, none after it."""
     batch: list[dict] = []
@@ -347,7 +375,8 @@ def optimizer_step(run: Run, log: MetricsLog, out: StepOutput, epoch: int) -> di
     """Clip, step, schedule, advance `run.progress`; then log and checkpoint when due. The metrics if logged."""
     torch.nn.utils.clip_grad_norm_(run.params, run.cfg.max_grad_norm)
     run.optimizer.step()
-    run.scheduler.step()
+    if run.progress.global_step < run.total_steps:  # a resumed epoch may take a step more than planned
+        run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     p = run.progress
     p.global_step += 1
@@ -373,7 +402,7 @@ class MetricsLog:
         self._new_window()
 
     def _new_window(self) -> None:
-        self.start, self.tokens, self.ref_wait = time.time(), 0, 0.0
+        self.start, self.tokens, self.pairs, self.ref_wait = time.time(), 0, 0, 0.0
         self.notes: dict = {}  # what the next record also carries: a resume, the step-0 check (common.progress)
 
     def write(self, run: Run, out: StepOutput, epoch: int) -> dict:
@@ -382,7 +411,8 @@ class MetricsLog:
             **dpo_metrics(out.loss.detach(), out.chosen_rewards, out.rejected_rewards, out.chosen_logps,
                           out.rejected_logps, out.chosen_logits, out.rejected_logits),
             "tokens_per_second_per_worker": self.tokens / dt, "ref_wait_seconds": self.ref_wait,
-            "step_seconds": dt / run.cfg.logging_steps})
+            "step_seconds": dt / run.cfg.logging_steps, "pairs": self.pairs})
+        means["pairs"] = round(means["pairs"] * run.world)  # pairs trained since the last record, by every worker
         m = {**means, "step": run.progress.global_step, "total_steps": run.total_steps, "epoch": epoch + 1,
              "lr": run.scheduler.get_last_lr()[0], "trainer_pid": os.getpid(), "ref_pids": sorted(self.ref_pids),
              "torch_threads": torch.get_num_threads(), **self.notes}
@@ -409,6 +439,12 @@ def report(run: Run, metrics: dict, merged: bool, checkpoint: bool = True) -> No
     """Hand `metrics` to Ray Train, with a checkpoint written by rank 0 (`merged`: plus the final HF model)."""
     import ray.train
 
+    if checkpoint and run.world > 1:  # the pairs every worker trained on this epoch: a resume skips them all
+        import torch.distributed as dist
+
+        shares: list = [None] * run.world
+        dist.all_gather_object(shares, run.progress.done_ids)
+        run.progress.done_ids = sorted({i for share in shares for i in share})
     if run.rank != 0 or not checkpoint:
         ray.train.report(metrics)
         return

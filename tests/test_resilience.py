@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from common.io import read_manifest
 from conftest import REPO, run_stage
 from test_dpo_stage import write_pairs
 
@@ -54,7 +55,11 @@ def test_generate_killed_part_way_leaves_nothing_complete_and_rerun_finishes(tmp
     assert not partial.exists()
 
 
-def test_train_worker_killed_mid_run_resumes_from_the_last_checkpoint(tmp_path):
+def test_two_workers_one_killed_mid_epoch_resume_and_train_every_pair_once(tmp_path):
+    """2 workers, 8 pairs, one pair per worker a step: 4 steps an epoch, a checkpoint every 2. Rank 0's process is
+    killed after step 3; Ray Train restarts both workers from the step-2 checkpoint, which holds the pairs *both*
+    workers had trained on, so the rest of epoch 1 trains each of the other pairs once, on whichever worker the
+    new split gives it (the shares may differ: the worker with fewer steps along)."""
     pairs = write_pairs(tmp_path / "pairs.jsonl", 8)
     metrics = tmp_path / ".03_dpo_train.work" / "metrics.jsonl"
     killed = []
@@ -64,24 +69,29 @@ def test_train_worker_killed_mid_run_resumes_from_the_last_checkpoint(tmp_path):
             return False
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         if rows and rows[-1]["step"] >= 3 and not killed:
-            os.kill(rows[-1]["trainer_pid"], signal.SIGKILL)  # the worker only, not the driver
+            os.kill(rows[-1]["trainer_pid"], signal.SIGKILL)  # rank 0's worker only, not the driver
             killed.append(rows[-1]["trainer_pid"])
         return False
 
     proc = start("03_dpo_train/train.py", DPO_CONFIG, f"train_path={pairs}", f"output_dir={tmp_path}",
-                 "num_epochs=2", "train_batch_size_per_device=2", "checkpoint_every_n_steps=2", "max_failures=2")
+                 "num_epochs=2", "num_devices=2", "train_batch_size_per_device=1", "num_cpus_per_worker=0.5",
+                 "cpu_threads_after_reference=null", "checkpoint_every_n_steps=2", "max_failures=2")
     deadline = time.time() + 900
     while proc.poll() is None and time.time() < deadline:
         after_step_3()
         time.sleep(0.3)
     assert killed, "training finished before the worker could be killed"
     assert proc.returncode == 0
-    m = json.loads((tmp_path / "03_dpo_train" / "manifest.json").read_text())
+    m = read_manifest(tmp_path / "03_dpo_train", "03_dpo_train")["stats"]
     rows = [json.loads(line) for line in open(tmp_path / "03_dpo_train" / "metrics.jsonl")]
-    assert m["stats"]["steps"] == 8 and {r["step"] for r in rows} == set(range(1, 9))
-    assert len({r["trainer_pid"] for r in rows}) == 2  # the killed worker and its replacement
-    # resumed from the step-2 checkpoint, not from scratch: step 1 ran once, steps 3.. possibly twice
+    resumed = next(i for i, r in enumerate(rows) if "resumed_from_step" in r)
+    assert rows[resumed]["resumed_from_step"] == 2  # from the checkpoint, not from scratch
     assert [r["step"] for r in rows].count(1) == 1
+    # what stands: steps 1-2 of the first attempt, then everything the resumed workers did
+    kept = [r for r in rows[:resumed] if r["step"] <= 2] + rows[resumed:]
+    by_epoch = {e: sum(r["pairs"] for r in kept if r["epoch"] == e) for e in (1, 2)}
+    assert by_epoch == {1: 8, 2: 8}, kept
+    assert len(m["trainer_pids"]) >= 4  # two workers, both replaced
 
 
 # ------------------------------------------------- stages 2, 3 and 4 SIGKILLed part-way, then rerun
