@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import schema as S  # noqa: E402
 from common.config import config_hash, require_model  # noqa: E402
-from common.dpo import (load_pairs, plan, read_train_result, reference_cache, tokenize_pairs,  # noqa: E402
-                        with_cached_logps, write_reference_cache)
+from common.dpo import (check_enough_pairs, load_pairs, plan, read_train_result, reference_cache,  # noqa: E402
+                        tokenize_pairs, with_cached_logps, write_reference_cache)
 from common.errors import UserError, cli  # noqa: E402
 from common.io import StageOutput, read_manifest  # noqa: E402
 from common.plots import plot_training_curves  # noqa: E402
@@ -65,6 +65,7 @@ def main() -> None:
 
     tokenized, drops = tokenize_pairs(pairs, cfg, policy, where=args.config)
     num_pairs = tokenized.count()
+    check_enough_pairs(num_pairs, cfg, args.config, f" ({sum(drops.values())} of {len(pairs)} dropped: {drops})")
 
     # Ray Train's checkpoints and the metrics log: a rerun of the same config after a crash resumes from here.
     work = out.work_dir()  # marked as this stage's own; --force starts it over

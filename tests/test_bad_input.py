@@ -1,0 +1,61 @@
+"""Bad input costs nothing (issue 22): degenerate pairs, repeated ids, empty prompts and model folders that cannot
+work are named in one line before Ray starts (the stage scripts run here as subprocesses and stop in seconds), or
+dropped and counted where the data is still usable."""
+import json
+from pathlib import Path
+
+import pytest
+
+from common.errors import UserError
+from conftest import REPO, one_line_error, run_stage
+
+QUICK = REPO / "configs/quickstart"
+TRAIN = "03_dpo_train/train.py"
+
+
+def pairs_file(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def pair(i: int, chosen: str | None = None, rejected: str | None = None, **extra) -> dict:
+    return {"prompt": f"Summarize text number {i}.", "chosen": chosen or f"Short summary {i}.",
+            "rejected": rejected or f"A much longer and rambling summary of text number {i}.", **extra}
+
+
+# ---------------------------------------------------------------- stage 3: degenerate pairs, too few, repeated ids
+def test_a_pair_with_chosen_equal_to_rejected_is_dropped_as_identical(model_path):
+    from common.tokenize import DROP_IDENTICAL, load_tokenizer, tokenize_pair
+
+    tok = load_tokenizer(model_path)
+    prompt = [{"role": "user", "content": "Summarize."}]
+    assert tokenize_pair(tok, prompt, "Same words.", "Same words.", 512, 384) == DROP_IDENTICAL
+    # different texts that truncation cuts to the same tokens are as useless
+    long_a, long_b = "word " * 60 + "end A.", "word " * 60 + "end B."
+    assert tokenize_pair(tok, prompt, long_a, long_b, 64, 32, truncation="truncate_response") == DROP_IDENTICAL
+    assert isinstance(tokenize_pair(tok, prompt, "Short.", "Longer answer.", 512, 384), dict)
+
+
+@pytest.mark.parametrize("case", ["all_identical", "one_pair", "fewer_than_workers", "repeated_pair_id",
+                                  "repeated_pair"])
+def test_stage3_pairs_that_cannot_train_are_one_line_before_ray(tmp_path, case):
+    rows = {
+        "all_identical": [pair(i, chosen="Same.", rejected="Same.") for i in range(4)],
+        "one_pair": [pair(0)],
+        "fewer_than_workers": [pair(i) for i in range(3)] + [pair(9, chosen="Same.", rejected="Same.")],
+        "repeated_pair_id": [pair(i, pair_id=f"p{i}") for i in range(3)] + [pair(7, pair_id="p1")],
+        "repeated_pair": [pair(i) for i in range(3)] + [pair(1)],
+    }[case]
+    sets = [f"train_path={pairs_file(tmp_path / 'pairs.jsonl', rows)}", f"output_dir={tmp_path / 'out'}"]
+    if case == "fewer_than_workers":
+        sets += ["num_devices=2", "train_batch_size_per_device=2", "worker_resources={}", "num_cpus_per_worker=0.5"]
+    proc = run_stage(TRAIN, QUICK / "03_dpo_train.yaml", *sets, timeout=300)
+    line = one_line_error(proc)
+    expect = {"all_identical": "all 4 pairs have chosen identical to rejected",
+              "one_pair": "1 trainable pairs but one step needs num_devices (1) x train_batch_size_per_device (2)",
+              "fewer_than_workers": "3 trainable pairs (1 with chosen identical to rejected dropped)",
+              "repeated_pair_id": "pair id 'p1' appears twice (rows 2 and 4)",
+              "repeated_pair": "appears twice (rows 2 and 4)"}[case]
+    assert expect in line, line
+    assert "ray" not in proc.stderr.lower().replace("ray.num_cpus", ""), proc.stderr[-2000:]
+    assert not (tmp_path / "out" / "03_dpo_train").exists()
