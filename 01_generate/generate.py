@@ -35,7 +35,7 @@ def main() -> None:
         return
     check_fits(STAGE, asks, cfg.ray)
     require_model(cfg.model.path, f"{args.config}: model.path")
-    prompts = load_prompts(cfg.data, cfg.prompt, args.config)
+    prompts, empty = load_prompts(cfg.data, cfg.prompt, args.config)
     source = {"dir": cfg.data.path, "fingerprint": fingerprint(resolve(cfg.data.path))}
     out = StageOutput(cfg, STAGE, upstream=source, force=args.force)
     if out.reusable():
@@ -63,7 +63,7 @@ def main() -> None:
     tokens = int(written.sum(S.NUM_RESPONSE_TOKENS) or 0)
     truncated = written.filter(lambda r: r[S.FINISH_REASON] == "length").count()
     stats = {
-        "prompts": len(prompts), "prompts_skipped": len(skipped),
+        "prompts": len(prompts), "prompts_skipped": len(skipped), "prompts_dropped": {"empty_text": empty},
         "skipped": [{S.PROMPT_ID: r[S.PROMPT_ID], "reason": r[S.SKIP]} for r in skipped],
         "candidates": n_rows, "generated_tokens": tokens, "hit_max_tokens": truncated,
         "tokens_per_second": round(tokens / seconds, 1), "generate_seconds": round(seconds, 1),
@@ -71,7 +71,8 @@ def main() -> None:
     manifest = out.commit(rows={"candidates": n_rows}, stats=stats)
     print(f"[{STAGE}] {len(prompts) - len(skipped)} prompts x {cfg.sampling.n} candidates = {n_rows} responses, "
           f"{tokens} tokens in {seconds:.0f}s ({stats['tokens_per_second']} tokens/s, engine start included); "
-          f"{len(skipped)} prompts skipped as too long, {truncated} responses hit max_tokens. "
+          f"{len(skipped)} prompts skipped as too long, {empty} dropped for an empty text, {truncated} responses hit "
+          f"max_tokens. "
           f"Output: {manifest['dir']}", flush=True)
 
 

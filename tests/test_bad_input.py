@@ -59,3 +59,58 @@ def test_stage3_pairs_that_cannot_train_are_one_line_before_ray(tmp_path, case):
     assert expect in line, line
     assert "ray" not in proc.stderr.lower().replace("ray.num_cpus", ""), proc.stderr[-2000:]
     assert not (tmp_path / "out" / "03_dpo_train").exists()
+
+
+# ---------------------------------------------------------------- repeated ids, empty prompts (stages 1 and 4)
+def prompts_file(path: Path, rows: list[tuple[str, str]]) -> Path:
+    path.write_text("".join(json.dumps({"ticket": i, "body": t}) + "\n" for i, t in rows))
+    return path
+
+
+PROMPT_SETS = ["data.columns={id: ticket, text: body}", "prompt.template=Title this ticket.\n\n{text}"]
+
+
+def test_empty_texts_are_dropped_and_counted(tmp_path):
+    from common.config import DataConfig, PromptConfig
+    from common.data import load_prompts
+
+    data = prompts_file(tmp_path / "p.jsonl", [("a", "A real ticket."), ("b", "   "), ("c", ""), ("d", "Another.")])
+    rows, empty = load_prompts(DataConfig(path=str(data), columns={"id": "ticket", "text": "body"}),
+                               PromptConfig(template="{text}"), "x.yaml")
+    assert [r["prompt_id"] for r in rows] == ["a", "d"] and empty == 2
+    with pytest.raises(UserError, match="every row of .* has an empty text"):
+        load_prompts(DataConfig(path=str(prompts_file(tmp_path / "q.jsonl", [("a", " ")])),
+                                columns={"id": "ticket", "text": "body"}), PromptConfig(template="{text}"), "x.yaml")
+
+
+def test_stage1_repeated_prompt_id_is_one_line(tmp_path):
+    data = prompts_file(tmp_path / "p.jsonl", [("a", "One."), ("b", "Two."), ("a", "Three.")])
+    proc = run_stage("01_generate/generate.py", QUICK / "01_generate.yaml", f"data.path={data}",
+                     f"output_dir={tmp_path / 'out'}", *PROMPT_SETS, timeout=300)
+    line = one_line_error(proc)
+    assert "prompt ids must be unique but column 'ticket' repeats ['a']" in line, line
+    assert not (tmp_path / "out" / "01_generate").exists()
+
+
+def stage4_run(tmp_path, model_path):
+    from test_evaluate_stage import fake_dpo_stage, fake_judge_stage
+
+    fake_judge_stage(tmp_path)
+    fake_dpo_stage(tmp_path, model_path)
+
+
+@pytest.mark.parametrize("case", ["repeated_output_id", "repeated_prompt_id"])
+def test_stage4_repeated_ids_are_one_line(tmp_path, model_path, case):
+    stage4_run(tmp_path, model_path)
+    data = prompts_file(tmp_path / "p.jsonl", [("a", "One."), ("b", "Two.")] +
+                        ([("a", "Three.")] if case == "repeated_prompt_id" else []))
+    answers = [("a", "x"), ("b", "y")] + ([("b", "z")] if case == "repeated_output_id" else [])
+    outputs = tmp_path / "other.jsonl"
+    outputs.write_text("".join(json.dumps({"id": i, "response": r}) + "\n" for i, r in answers))
+    proc = run_stage("04_evaluate/evaluate.py", QUICK / "04_evaluate.yaml", f"output_dir={tmp_path}",
+                     f"data.path={data}", *PROMPT_SETS, f"others=[{{name: other, outputs: {outputs}}}]", timeout=300)
+    line = one_line_error(proc)
+    expect = {"repeated_output_id": f"{outputs} answers id b twice (lines 2 and 3); keep one response per id",
+              "repeated_prompt_id": "column 'ticket' repeats ['a']"}[case]
+    assert expect in line, line
+    assert not (tmp_path / "04_evaluate").exists()
