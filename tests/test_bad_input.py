@@ -114,3 +114,32 @@ def test_stage4_repeated_ids_are_one_line(tmp_path, model_path, case):
               "repeated_prompt_id": "column 'ticket' repeats ['a']"}[case]
     assert expect in line, line
     assert not (tmp_path / "04_evaluate").exists()
+
+
+# ---------------------------------------------------------------- exit codes: 2 for bad input, 1 for a failed run
+def test_exit_code_2_for_bad_input_even_from_inside_ray_and_1_for_a_crash(capsys):
+    from common.errors import cli
+
+    def fails_with(e):
+        @cli
+        def main():
+            raise e
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        return exit_.value.code, capsys.readouterr().err.strip().splitlines()
+
+    code, err = fails_with(UserError("x.yaml: bad thing; fix it"))
+    assert code == 2 and err == ["error: x.yaml: bad thing; fix it"]
+    wrapped = RuntimeError("task failed")  # as Ray wraps a UserError raised in a task: the cause is kept
+    wrapped.cause = UserError("pairs.jsonl: bad pair; fix it")
+    code, err = fails_with(wrapped)
+    assert code == 2 and err == ["error: pairs.jsonl: bad pair; fix it"]
+    try:
+        try:
+            raise OSError("engine core died")
+        except OSError as inner:
+            raise RuntimeError("generation failed") from inner
+    except RuntimeError as crash:
+        code, err = fails_with(crash)
+    assert code == 1 and "Traceback" in err[0]
+    assert err[-1].startswith("error: the run failed (not your input, exit 1): OSError: engine core died;")
