@@ -20,6 +20,7 @@ from common.errors import UserError, cli  # noqa: E402
 from common.generation import engine_asks, generate, tokenize_prompts  # noqa: E402
 from common.config import require_model, resolve  # noqa: E402
 from common.io import StageOutput, fingerprint  # noqa: E402
+from common.model_check import check_max_model_len  # noqa: E402
 from common.ray_setup import Ask, check_fits, init_ray, print_plan  # noqa: E402
 from common.stage import parse  # noqa: E402
 
@@ -34,7 +35,8 @@ def main() -> None:
     if args.dry_run:
         return
     check_fits(STAGE, asks, cfg.ray)
-    require_model(cfg.model.path, f"{args.config}: model.path")
+    check_max_model_len(require_model(cfg.model.path, f"{args.config}: model.path"), cfg.model.max_model_len,
+                        args.config)
     prompts, empty = load_prompts(cfg.data, cfg.prompt, args.config)
     source = {"dir": cfg.data.path, "fingerprint": fingerprint(resolve(cfg.data.path))}
     out = StageOutput(cfg, STAGE, upstream=source, force=args.force)

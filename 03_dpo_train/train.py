@@ -29,6 +29,7 @@ from common.dpo import (check_enough_pairs, load_pairs, plan, read_train_result,
                         tokenize_pairs, with_cached_logps, write_reference_cache)
 from common.errors import UserError, cli  # noqa: E402
 from common.io import StageOutput, read_manifest  # noqa: E402
+from common.model_check import check_lora_targets  # noqa: E402
 from common.plots import plot_training_curves  # noqa: E402
 from common.progress import follow_training  # noqa: E402
 from common.ray_setup import check_fits, init_ray, print_plan  # noqa: E402
@@ -50,6 +51,8 @@ def main() -> None:
     check_fits(STAGE, asks, cfg.ray)
     policy = require_model(cfg.model_id, "model_id")
     ref = require_model(cfg.reference_model_id or cfg.model_id, "reference_model_id")
+    if cfg.lora_config:  # peft would fail in every worker, and Ray Train retry it max_failures times
+        check_lora_targets(policy, cfg.lora_config.model_dump(), args.config)
     upstream = None if cfg.train_path else read_manifest(cfg.input_dir, "02_judge")
     pairs, source = load_pairs(cfg, upstream)
     out = StageOutput(cfg, STAGE, upstream=source, force=args.force, exclude_from_hash=NOT_HASHED)

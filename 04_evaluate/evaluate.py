@@ -30,6 +30,7 @@ from common.errors import UserError, cli  # noqa: E402
 from common.generation import engine_asks, generate, tokenize_prompts  # noqa: E402
 from common.io import StageOutput, fingerprint, read_manifest  # noqa: E402
 from common.judges import build_judge, score_range  # noqa: E402
+from common.model_check import check_max_model_len  # noqa: E402
 from common.pairing import check_threshold  # noqa: E402
 from common.ray_setup import Ask, check_fits, init_ray, print_plan  # noqa: E402
 from common.stage import parse  # noqa: E402
@@ -136,6 +137,9 @@ def main() -> None:
         where = f"{args.config}: {'baseline' if m is cfg.baseline else 'others'} '{m.name}'"
         systems.append((m.name, require_model(m.path, where), None) if m.path else
                        (m.name, None, read_outputs(m.outputs, m.name, ids, args.config)))
+    for name, path, _ in systems:
+        if path:
+            check_max_model_len(path, cfg.model.max_model_len, f"{args.config}: model '{name}'")
     names = [n for n, _, _ in systems]
 
     # Reuse only if nothing it read changed: both manifests, the prompts and every outputs file.

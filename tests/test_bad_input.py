@@ -143,3 +143,63 @@ def test_exit_code_2_for_bad_input_even_from_inside_ray_and_1_for_a_crash(capsys
         code, err = fails_with(crash)
     assert code == 1 and "Traceback" in err[0]
     assert err[-1].startswith("error: the run failed (not your input, exit 1): OSError: engine core died;")
+
+
+# ---------------------------------------------------------------- model folders that cannot work: before Ray or vLLM
+def model_copy(tmp_path, model_path, config: str | None = None, weights: bool = True) -> Path:
+    """The embedded model's files linked into a folder of its own, with `config` as its config.json."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in Path(model_path).iterdir():
+        if f.name == "config.json" and config is not None:
+            (folder / f.name).write_text(config)
+        elif weights or f.suffix != ".safetensors":
+            (folder / f.name).symlink_to(f)
+    return folder
+
+
+@pytest.mark.parametrize("case", ["broken_config", "config_not_an_object", "no_weights", "max_model_len"])
+def test_stage1_model_folder_that_cannot_load_is_one_line_before_vllm(tmp_path, model_path, case):
+    model = {"broken_config": lambda: model_copy(tmp_path, model_path, config='{"model_type": "llama",'),
+             "config_not_an_object": lambda: model_copy(tmp_path, model_path, config="[1, 2]"),
+             "no_weights": lambda: model_copy(tmp_path, model_path, weights=False),
+             "max_model_len": lambda: Path(model_path)}[case]()
+    data = prompts_file(tmp_path / "p.jsonl", [("a", "One.")])
+    sets = [f"model.path={model}", f"data.path={data}", f"output_dir={tmp_path / 'out'}", *PROMPT_SETS]
+    if case == "max_model_len":
+        sets.append("model.max_model_len=100000")
+    line = one_line_error(run_stage("01_generate/generate.py", QUICK / "01_generate.yaml", *sets, timeout=300))
+    expect = {"broken_config": "config.json is not valid JSON", "config_not_an_object": "is not a JSON object",
+              "no_weights": "has a config.json but no weights",
+              "max_model_len": "model.max_model_len=100000 is beyond what"}[case]
+    assert expect in line, line
+    if case == "max_model_len":
+        assert "set model.max_model_len <= 8192" in line
+    assert not (tmp_path / "out" / "01_generate").exists()
+
+
+def test_stage4_max_model_len_beyond_a_model_is_one_line(tmp_path, model_path):
+    stage4_run(tmp_path, model_path)
+    proc = run_stage("04_evaluate/evaluate.py", QUICK / "04_evaluate.yaml", f"output_dir={tmp_path}",
+                     "model.max_model_len=100000", timeout=300)
+    assert "model.max_model_len=100000 is beyond what" in one_line_error(proc)
+    assert not (tmp_path / "04_evaluate").exists()
+
+
+def test_stage3_lora_target_that_matches_nothing_is_one_line_listing_the_modules(tmp_path):
+    pairs = pairs_file(tmp_path / "pairs.jsonl", [pair(i) for i in range(4)])
+    proc = run_stage(TRAIN, QUICK / "03_dpo_train.yaml", f"train_path={pairs}", f"output_dir={tmp_path / 'out'}",
+                     "lora_config.target_modules=[qproj, vproj]", timeout=300)
+    line = one_line_error(proc)
+    assert "lora_config.target_modules ['qproj', 'vproj'] match no module of" in line, line
+    assert "'q_proj'" in line and "'down_proj'" in line and "'self_attn'" not in line  # leaves, not containers
+    assert "Ray" not in proc.stderr and not (tmp_path / "out" / "03_dpo_train").exists()
+
+
+def test_lora_targets_follow_peft_matching(model_path):
+    from common.model_check import check_lora_targets
+
+    check_lora_targets(model_path, {"target_modules": ["q_proj"]}, "x.yaml")  # a suffix of a dotted name
+    check_lora_targets(model_path, {"target_modules": ["self_attn.q_proj"]}, "x.yaml")
+    with pytest.raises(UserError, match="match no module"):
+        check_lora_targets(model_path, {"target_modules": ["proj"]}, "x.yaml")  # not a whole name part
