@@ -51,10 +51,10 @@ def main() -> None:
     check_fits(STAGE, asks, cfg.ray)
     policy = require_model(cfg.model_id, "model_id")
     ref = require_model(cfg.reference_model_id or cfg.model_id, "reference_model_id")
-    if cfg.lora_config:  # peft would fail in every worker, and Ray Train retry it max_failures times
-        check_lora_targets(policy, cfg.lora_config.model_dump(), args.config)
     upstream = None if cfg.train_path else read_manifest(cfg.input_dir, "02_judge")
     pairs, source = load_pairs(cfg, upstream)
+    if cfg.lora_config:  # peft would fail in every worker, and Ray Train retry it max_failures times
+        check_lora_targets(policy, cfg.lora_config.model_dump(), args.config)
     out = StageOutput(cfg, STAGE, upstream=source, force=args.force, exclude_from_hash=NOT_HASHED)
     if out.reusable():
         return
