@@ -205,7 +205,8 @@ def main() -> None:
     metrics, table = report.assemble(
         out.tmp, df, names, cfg, judge=judge_cfg, filters=filters, pairing=pairing, dpo_manifest=dpo_m,
         notes=notes, models_used={n: p or "outputs file" for n, p, _ in systems})
-    stats = {"prompts": len(common), "prompts_dropped": {"empty_text": empty}, "generate_seconds": gen_seconds, "judge_seconds": round(judge_seconds, 1),
+    stats = {"prompts": len(common), "prompts_dropped": {"empty_text": empty}, "generate_seconds": gen_seconds,
+             "judge_seconds": round(judge_seconds, 1),
              "win_rate": {n: w.get("win_rate") for n, w in metrics["win_rate"].items()}}
     manifest = out.commit(rows={"responses": len(df)}, stats=stats, judge_dir=judge_m["dir"] if judge_m else None,
                           table=table, targets=metrics["targets"], report=str(out.final / "report.md"),
