@@ -19,16 +19,24 @@ class UserError(Exception):
     """Bad input the user can fix. The message is the whole story: what, where, how to fix."""
 
 
-def root_cause(e: BaseException) -> BaseException:
-    """The innermost exception: Ray wraps a task's error (`.cause`), libraries chain theirs (`__cause__`)."""
+def _chain(e: BaseException):
+    """e, then what it wraps: Ray keeps a task's error as `.cause`, libraries chain theirs as `__cause__`."""
     seen = set()
-    while id(e) not in seen:
+    while isinstance(e, BaseException) and id(e) not in seen:
         seen.add(id(e))
-        inner = getattr(e, "cause", None) or e.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        e = inner
-    return e
+        yield e
+        e = getattr(e, "cause", None) or e.__cause__
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The innermost exception of the chain."""
+    return list(_chain(e))[-1]
+
+
+def user_error(e: BaseException) -> UserError | None:
+    """The UserError in the chain itself (not Ray's wrapper of one, whose message holds the task's traceback)."""
+    return next((x for x in _chain(e) if isinstance(x, UserError)
+                 and not isinstance(getattr(x, "cause", None), BaseException)), None)
 
 
 def cli(main):
@@ -38,13 +46,11 @@ def cli(main):
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
         except Exception as e:
-            cause = root_cause(e)
-            if isinstance(cause, UserError):  # raised inside a Ray task or actor: still bad input
-                print(f"error: {cause}", file=sys.stderr, flush=True)
+            # Raised inside a Ray task or actor, a UserError arrives wrapped (its message then holds the task's
+            # traceback): its cause is the one line, and it is still bad input.
+            if (bad := user_error(e)) is not None:
+                print(f"error: {bad}", file=sys.stderr, flush=True)
                 sys.exit(2)
             from common.ray_setup import verbose
 
@@ -52,6 +58,7 @@ def cli(main):
                 raise
             # A real failure: its traceback, and where the Ray workers' output went (not forwarded by default).
             traceback.print_exc()
+            cause = root_cause(e)
             what = (str(cause).strip().splitlines() or [""])[0][:300]
             print(f"error: the run failed (not your input, exit 1): {type(cause).__name__}: {what}; the traceback "
                   f"is above, the Ray workers' own output in {RAY_LOGS} (worker-*.err / *.out); rerun with "

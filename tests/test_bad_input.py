@@ -130,9 +130,12 @@ def test_exit_code_2_for_bad_input_even_from_inside_ray_and_1_for_a_crash(capsys
 
     code, err = fails_with(UserError("x.yaml: bad thing; fix it"))
     assert code == 2 and err == ["error: x.yaml: bad thing; fix it"]
-    wrapped = RuntimeError("task failed")  # as Ray wraps a UserError raised in a task: the cause is kept
-    wrapped.cause = UserError("pairs.jsonl: bad pair; fix it")
-    code, err = fails_with(wrapped)
+    from ray.exceptions import RayTaskError
+
+    # as Ray hands the driver a UserError raised in a task: a RayTaskError(UserError) whose message is a traceback
+    wrapped = RayTaskError("fn", "Traceback (most recent call last):\n  ...",
+                           UserError("pairs.jsonl: bad pair; fix it"))
+    code, err = fails_with(wrapped.as_instanceof_cause())
     assert code == 2 and err == ["error: pairs.jsonl: bad pair; fix it"]
     try:
         try:
