@@ -20,6 +20,7 @@ from common.errors import UserError, cli  # noqa: E402
 from common.generation import engine_asks, generate, tokenize_prompts  # noqa: E402
 from common.config import require_model, resolve  # noqa: E402
 from common.io import StageOutput, fingerprint  # noqa: E402
+from common.model_check import check_max_model_len  # noqa: E402
 from common.ray_setup import Ask, check_fits, init_ray, print_plan  # noqa: E402
 from common.stage import parse  # noqa: E402
 
@@ -34,8 +35,9 @@ def main() -> None:
     if args.dry_run:
         return
     check_fits(STAGE, asks, cfg.ray)
-    require_model(cfg.model.path, f"{args.config}: model.path")
-    prompts = load_prompts(cfg.data, cfg.prompt, args.config)
+    check_max_model_len(require_model(cfg.model.path, f"{args.config}: model.path"), cfg.model.max_model_len,
+                        args.config)
+    prompts, empty = load_prompts(cfg.data, cfg.prompt, args.config)
     source = {"dir": cfg.data.path, "fingerprint": fingerprint(resolve(cfg.data.path))}
     out = StageOutput(cfg, STAGE, upstream=source, force=args.force)
     if out.reusable():
@@ -63,7 +65,7 @@ def main() -> None:
     tokens = int(written.sum(S.NUM_RESPONSE_TOKENS) or 0)
     truncated = written.filter(lambda r: r[S.FINISH_REASON] == "length").count()
     stats = {
-        "prompts": len(prompts), "prompts_skipped": len(skipped),
+        "prompts": len(prompts), "prompts_skipped": len(skipped), "prompts_dropped": {"empty_text": empty},
         "skipped": [{S.PROMPT_ID: r[S.PROMPT_ID], "reason": r[S.SKIP]} for r in skipped],
         "candidates": n_rows, "generated_tokens": tokens, "hit_max_tokens": truncated,
         "tokens_per_second": round(tokens / seconds, 1), "generate_seconds": round(seconds, 1),
@@ -71,7 +73,8 @@ def main() -> None:
     manifest = out.commit(rows={"candidates": n_rows}, stats=stats)
     print(f"[{STAGE}] {len(prompts) - len(skipped)} prompts x {cfg.sampling.n} candidates = {n_rows} responses, "
           f"{tokens} tokens in {seconds:.0f}s ({stats['tokens_per_second']} tokens/s, engine start included); "
-          f"{len(skipped)} prompts skipped as too long, {truncated} responses hit max_tokens. "
+          f"{len(skipped)} prompts skipped as too long, {empty} dropped for an empty text, {truncated} responses hit "
+          f"max_tokens. "
           f"Output: {manifest['dir']}", flush=True)
 
 

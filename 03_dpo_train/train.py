@@ -25,10 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import schema as S  # noqa: E402
 from common.config import config_hash, require_model  # noqa: E402
-from common.dpo import (load_pairs, plan, read_train_result, reference_cache, tokenize_pairs,  # noqa: E402
-                        with_cached_logps, write_reference_cache)
+from common.dpo import (check_enough_pairs, load_pairs, plan, read_train_result, reference_cache,  # noqa: E402
+                        tokenize_pairs, with_cached_logps, write_reference_cache)
 from common.errors import UserError, cli  # noqa: E402
 from common.io import StageOutput, read_manifest  # noqa: E402
+from common.model_check import check_lora_targets  # noqa: E402
 from common.plots import plot_training_curves  # noqa: E402
 from common.progress import follow_training  # noqa: E402
 from common.ray_setup import check_fits, init_ray, print_plan  # noqa: E402
@@ -52,6 +53,8 @@ def main() -> None:
     ref = require_model(cfg.reference_model_id or cfg.model_id, "reference_model_id")
     upstream = None if cfg.train_path else read_manifest(cfg.input_dir, "02_judge")
     pairs, source = load_pairs(cfg, upstream)
+    if cfg.lora_config:  # peft would fail in every worker, and Ray Train retry it max_failures times
+        check_lora_targets(policy, cfg.lora_config.model_dump(), args.config)
     out = StageOutput(cfg, STAGE, upstream=source, force=args.force, exclude_from_hash=NOT_HASHED)
     if out.reusable():
         return
@@ -65,6 +68,7 @@ def main() -> None:
 
     tokenized, drops = tokenize_pairs(pairs, cfg, policy, where=args.config)
     num_pairs = tokenized.count()
+    check_enough_pairs(num_pairs, cfg, args.config, f" ({sum(drops.values())} of {len(pairs)} dropped: {drops})")
 
     # Ray Train's checkpoints and the metrics log: a rerun of the same config after a crash resumes from here.
     work = out.work_dir()  # marked as this stage's own; --force starts it over

@@ -30,6 +30,7 @@ from common.errors import UserError, cli  # noqa: E402
 from common.generation import engine_asks, generate, tokenize_prompts  # noqa: E402
 from common.io import StageOutput, fingerprint, read_manifest  # noqa: E402
 from common.judges import build_judge, score_range  # noqa: E402
+from common.model_check import check_max_model_len  # noqa: E402
 from common.pairing import check_threshold  # noqa: E402
 from common.ray_setup import Ask, check_fits, init_ray, print_plan  # noqa: E402
 from common.stage import parse  # noqa: E402
@@ -69,7 +70,13 @@ def read_outputs(path: str, name: str, ids: list[str], where: str) -> dict[str, 
                         f"expected one {{\"id\": ..., \"response\": ...}} per line") from None
     if not {"id", "response"} <= set(df.columns):
         raise UserError(f"{where}: {path} has columns {list(df.columns)}; it needs `id` and `response`")
-    got = dict(zip(df["id"].astype(str), df["response"].fillna("").astype(str)))
+    ids_read = df["id"].astype(str)
+    if (repeated := ids_read[ids_read.duplicated()]).size:  # else the last answer would silently win
+        i = repeated.index[0]
+        first = ids_read[ids_read == repeated.iloc[0]].index[0]
+        raise UserError(f"{where}: {path} answers id {repeated.iloc[0]} twice (lines {first + 1} and {i + 1}); "
+                        f"keep one response per id")
+    got = dict(zip(ids_read, df["response"].fillna("").astype(str)))
     missing = [i for i in ids if i not in got]
     if missing:
         raise UserError(f"{where}: {path} has no response for {len(missing)} of the {len(ids)} prompts "
@@ -123,13 +130,16 @@ def main() -> None:
     check_fits(STAGE, judge_asks, cfg.ray)
 
     # Who is compared: the DPO model, the baseline, the others; a model folder generates, an outputs file is read.
-    prompts = load_prompts(cfg.data, cfg.prompt, args.config)
+    prompts, empty = load_prompts(cfg.data, cfg.prompt, args.config)
     ids = [p[S.PROMPT_ID] for p in prompts]
     systems = [("dpo", dpo_model(dpo_m, cfg.dpo_dir), None)]
     for m in [cfg.baseline, *cfg.others]:
         where = f"{args.config}: {'baseline' if m is cfg.baseline else 'others'} '{m.name}'"
         systems.append((m.name, require_model(m.path, where), None) if m.path else
                        (m.name, None, read_outputs(m.outputs, m.name, ids, args.config)))
+    for name, path, _ in systems:
+        if path:
+            check_max_model_len(path, cfg.model.max_model_len, f"{args.config}: model '{name}'")
     names = [n for n, _, _ in systems]
 
     # Reuse only if nothing it read changed: both manifests, the prompts and every outputs file.
@@ -188,18 +198,22 @@ def main() -> None:
     if judge_m and (trained := trained_prompt(judge_m)) and trained != cfg.prompt.model_dump():
         notes.append(f"the prompt differs from stage 1's, which the DPO pairs were made with ({trained}): "
                      f"the comparison is off the trained task")
+    if empty:
+        notes.append(f"{empty} rows of {cfg.data.path} have an empty text and were dropped")
     if len(common) < len(prompts):
         notes.append(f"{len(prompts) - len(common)} prompts not answered by every model are left out everywhere")
     metrics, table = report.assemble(
         out.tmp, df, names, cfg, judge=judge_cfg, filters=filters, pairing=pairing, dpo_manifest=dpo_m,
         notes=notes, models_used={n: p or "outputs file" for n, p, _ in systems})
-    stats = {"prompts": len(common), "generate_seconds": gen_seconds, "judge_seconds": round(judge_seconds, 1),
+    stats = {"prompts": len(common), "prompts_dropped": {"empty_text": empty}, "generate_seconds": gen_seconds,
+             "judge_seconds": round(judge_seconds, 1),
              "win_rate": {n: w.get("win_rate") for n, w in metrics["win_rate"].items()}}
     manifest = out.commit(rows={"responses": len(df)}, stats=stats, judge_dir=judge_m["dir"] if judge_m else None,
                           table=table, targets=metrics["targets"], report=str(out.final / "report.md"),
                           metrics_file=str(out.final / "metrics.json"))
     print(f"\n{table}\n\n{bar(metrics['targets'])}", flush=True)
-    print(f"[{STAGE}] {len(names)} models x {len(common)} prompts judged in {time.time() - t0:.0f}s. "
+    print(f"[{STAGE}] {len(names)} models x {len(common)} prompts judged in {time.time() - t0:.0f}s "
+          f"({empty} prompts dropped for an empty text). "
           f"Report: {manifest['dir']}/report.md", flush=True)
 
 

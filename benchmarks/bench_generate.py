@@ -66,7 +66,7 @@ def _prompts(cfg):
     from common.data import load_prompts
     from common.tokenize import load_tokenizer, prompt_ids
 
-    rows = load_prompts(cfg.data, cfg.prompt, str(CONFIG))
+    rows, _ = load_prompts(cfg.data, cfg.prompt, str(CONFIG))
     tok = load_tokenizer(cfg.model.path)
     budget = cfg.model.max_model_len - cfg.sampling.max_tokens
     out = []
@@ -178,7 +178,7 @@ def worker_stage1(args) -> None:
     import ray
 
     t_ray = time.time()
-    prompts = load_prompts(cfg.data, cfg.prompt, str(CONFIG))
+    prompts, _ = load_prompts(cfg.data, cfg.prompt, str(CONFIG))
 
     original = G._candidate_row
 

@@ -566,6 +566,9 @@ def require_model(path: str, where: str) -> str:
     """A local HF model folder, or a hub id where the hub is reachable (a GPU cluster). Raises UserError."""
     p = resolve(path)
     if (p / "config.json").is_file():
+        from common.model_check import check_model_files
+
+        check_model_files(p, where)  # a broken config.json or no weights: here, not deep in vLLM or a worker
         return str(p)
     if p.exists():
         raise UserError(f"{where}: {path} has no config.json, so it is not an HF model folder")

@@ -40,8 +40,9 @@ def read_table(path: Path, where: str) -> pd.DataFrame:
     raise UserError(f"{where}: {path}: unsupported file type '{path.suffix}' (use .jsonl, .parquet or a folder)")
 
 
-def load_prompts(data: DataConfig, prompt: PromptConfig, where: str) -> list[dict]:
-    """Prompt rows: PROMPT_ID, PROMPT (chat messages), SOURCE, REFERENCE. Raises UserError on bad input."""
+def load_prompts(data: DataConfig, prompt: PromptConfig, where: str) -> tuple[list[dict], int]:
+    """Prompt rows: PROMPT_ID, PROMPT (chat messages), SOURCE, REFERENCE; and how many rows were dropped for an
+    empty (or whitespace-only) text, for the manifest and the summary line. Raises UserError on bad input."""
     path = resolve(data.path)
     if not path.exists():
         hint = "run `bash scripts/setup.sh` to prepare it" if "data/aclsum" in data.path else "check data.path"
@@ -55,7 +56,7 @@ def load_prompts(data: DataConfig, prompt: PromptConfig, where: str) -> list[dic
     if missing:
         raise UserError(f"{where}: data.columns maps {', '.join(missing)} but {data.path} has columns "
                         f"{list(df.columns)}; fix data.columns")
-    rows = []
+    rows, empty = [], 0
     for rec in df.to_dict("records"):
         if "messages" in data.columns:
             messages = [{"role": m["role"], "content": m["content"]} for m in rec[data.columns["messages"]]]
@@ -65,7 +66,8 @@ def load_prompts(data: DataConfig, prompt: PromptConfig, where: str) -> list[dic
             messages = ([{"role": "system", "content": prompt.system}] if prompt.system else []) + [
                 {"role": "user", "content": prompt.template.format(text=source)}]
         if not source.strip():
-            continue  # an empty text makes no prompt; counted below
+            empty += 1  # an empty text makes no prompt
+            continue
         pid = str(rec[data.columns["id"]]) if "id" in data.columns else \
             hashlib.sha1(source.encode()).hexdigest()[:12]
         ref = str(rec.get(data.columns.get("reference", ""), "") or "") if "reference" in data.columns else ""
@@ -78,7 +80,7 @@ def load_prompts(data: DataConfig, prompt: PromptConfig, where: str) -> list[dic
     if dups:
         what = f"column '{data.columns['id']}' repeats" if "id" in data.columns else "the data repeats texts, ids"
         raise UserError(f"{where}: prompt ids must be unique but {what} {dups[:3]}; deduplicate {data.path}")
-    return rows
+    return rows, empty
 
 
 def num_blocks(rows: int, actors: int, per_worker: int = 4) -> int:

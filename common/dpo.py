@@ -20,7 +20,8 @@ from common.data import num_blocks, read_table
 from common.errors import UserError
 from common.io import fingerprint
 from common.ray_setup import Ask
-from common.tokenize import DROP_EMPTY, TOKENIZATION_VERSION, load_tokenizer, tokenize_pairs_batch
+from common.tokenize import (DROP_EMPTY, DROP_IDENTICAL, TOKENIZATION_VERSION, load_tokenizer, response_text,
+                             tokenize_pairs_batch)
 
 
 def plan(cfg: DPOStageConfig) -> list[Ask]:
@@ -69,9 +70,36 @@ def load_pairs(cfg: DPOStageConfig, upstream: dict | None) -> tuple[list[dict], 
         pid = rec.get(S.PAIR_ID) or hashlib.sha1(
             json.dumps([prompt, chosen, rejected], sort_keys=True).encode()).hexdigest()[:16]
         rows.append({S.PAIR_ID: str(pid), S.PROMPT: prompt, S.CHOSEN: chosen, S.REJECTED: rejected})
+    check_pairs(rows, cfg, where)
     # One fixed shuffle: pairs of one prompt sit together in stage 2's output.
     random.Random(cfg.seed).shuffle(rows)
     return rows, source
+
+
+def check_pairs(rows: list[dict], cfg: DPOStageConfig, where: str) -> None:
+    """Before Ray starts: pair ids unique, and enough pairs whose chosen and rejected differ to train at all
+    (identical pairs are dropped by the tokeniser and counted; this only refuses a run that would keep none)."""
+    first: dict[str, int] = {}
+    for i, r in enumerate(rows):
+        j = first.setdefault(r[S.PAIR_ID], i)
+        if j != i:
+            raise UserError(f"{where}: pair id '{r[S.PAIR_ID]}' appears twice (rows {j + 1} and {i + 1}); pair ids "
+                            f"must be unique: remove the repeated pair or give it its own {S.PAIR_ID}")
+    identical = sum(response_text(r[S.CHOSEN]) == response_text(r[S.REJECTED]) for r in rows)
+    if identical == len(rows):
+        raise UserError(f"{where}: all {len(rows)} pairs have chosen identical to rejected, so DPO has nothing to "
+                        f"learn from; check how the pairs were made (chosen must be the preferred, different answer)")
+    check_enough_pairs(len(rows) - identical, cfg, where, f" ({identical} with chosen identical to rejected dropped)"
+                       if identical else "")
+
+
+def check_enough_pairs(num_pairs: int, cfg: DPOStageConfig, where: str, note: str = "") -> None:
+    """Every worker needs one full batch, or the run takes no optimizer step and still reports a model."""
+    need = cfg.num_devices * cfg.train_batch_size_per_device
+    if num_pairs < need:
+        raise UserError(f"{where}: {num_pairs} trainable pairs{note} but one step needs num_devices "
+                        f"({cfg.num_devices}) x train_batch_size_per_device ({cfg.train_batch_size_per_device}) = "
+                        f"{need}; give more pairs or lower train_batch_size_per_device / num_devices")
 
 
 def tokenize_pairs(pairs: list[dict], cfg: DPOStageConfig, tokenizer_path: str, where: str):
@@ -92,6 +120,9 @@ def tokenize_pairs(pairs: list[dict], cfg: DPOStageConfig, tokenizer_path: str, 
     for r in reasons:
         drops[r[S.DROP_REASON]] = drops.get(r[S.DROP_REASON], 0) + 1
     if len(reasons) == len(pairs):
+        if set(drops) == {DROP_IDENTICAL}:
+            raise UserError(f"{where}: all {len(pairs)} pairs have chosen identical to rejected once tokenised; "
+                            f"check how the pairs were made (chosen must be the preferred, different answer)")
         if set(drops) == {DROP_EMPTY}:
             raise UserError(f"{where}: all {len(pairs)} pairs have an empty chosen or rejected response; "
                             f"check the pairs (stage 2's filters.min_words drops empty candidates)")

@@ -22,6 +22,8 @@ import numpy as np
 from common import schema as S
 
 DROP_EMPTY, DROP_TOO_LONG = "empty_response", "too_long"
+# chosen and rejected are the same tokens: the DPO loss is ln 2 whatever the policy does, so nothing is learnt
+DROP_IDENTICAL = "identical_responses"
 # Part of the reference cache's key: a change to how pairs become token ids must not reuse old log-probs.
 TOKENIZATION_VERSION = 2
 _MAX_CUTS = 8  # rounds of cutting a long prompt's message before dropping it (one settles it on ACLSum)
@@ -81,7 +83,8 @@ def response_text(messages_or_text: Any) -> str:
 
 def tokenize_pair(tok, prompt: list[dict], chosen: Any, rejected: Any, max_length: int, max_prompt_length: int,
                   truncation: str = "drop") -> dict[str, list[int]] | str:
-    """Token ids of one preference pair, or the reason it was dropped (DROP_EMPTY / DROP_TOO_LONG)."""
+    """Token ids of one preference pair, or the reason it was dropped (DROP_EMPTY / DROP_TOO_LONG /
+    DROP_IDENTICAL)."""
     c_text, r_text = response_text(chosen), response_text(rejected)
     if not c_text.strip() or not r_text.strip():
         return DROP_EMPTY
@@ -94,6 +97,8 @@ def tokenize_pair(tok, prompt: list[dict], chosen: Any, rejected: Any, max_lengt
         if truncation == "drop" or room <= 0:
             return DROP_TOO_LONG
         c, r = c[:room], r[:room]
+    if c == r:  # the same text, or texts that differ only where truncation cut them
+        return DROP_IDENTICAL
     return {S.PROMPT_IDS: p, S.CHOSEN_IDS: c, S.REJECTED_IDS: r}
 
 

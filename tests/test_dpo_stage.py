@@ -46,13 +46,21 @@ TRAINED_SETS = ["num_epochs=4", "learning_rate=1e-3", "warmup_steps=0", "lr_sche
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Overfit 4 fixed pairs for 4 epochs (one batch a step): loss must fall, accuracy rise. The reference actor
-    scores 3 pairs per call, the trainer 4: step 0 must agree all the same."""
+    """Overfit 4 fixed pairs (a fifth, chosen == rejected, is dropped) for 4 epochs (one batch a step): loss must
+    fall, accuracy rise. The reference actor scores 3 pairs per call, the trainer 4: step 0 must agree all the same."""
     tmp = tmp_path_factory.mktemp("dpo")
     pairs = write_pairs(tmp / "pairs.jsonl", 4)
+    with open(pairs, "a") as f:  # chosen == rejected: nothing to learn, dropped and counted
+        f.write(json.dumps({"prompt": "Say it.", "chosen": "The same.", "rejected": "The same."}) + "\n")
     proc = run_stage(SCRIPT, CONFIG, f"train_path={pairs}", f"output_dir={tmp}", *TRAINED_SETS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp, pairs, proc
+
+
+def test_a_pair_with_chosen_equal_to_rejected_is_dropped_and_counted(trained):
+    m = manifest(trained[0])
+    assert m["stats"]["pairs_in"] == 5 and m["stats"]["dropped"] == {"identical_responses": 1}
+    assert m["rows"]["pairs_trained"] == 4 and "1 dropped: {'identical_responses': 1}" in trained[2].stdout
 
 
 def test_step0_is_ln2_and_policy_matches_reference(trained):

@@ -16,6 +16,7 @@ TEXTS = {
     "t2": "Please add dark mode; the white background hurts at night.",
     "t3": "I was charged twice for one order and support has not answered in a week.",
     "long": "word " * 1500,  # longer than max_model_len - max_tokens: skipped and counted, not a crash
+    "blank": "  \n ",  # no text, no prompt: dropped and counted
 }
 
 
@@ -81,6 +82,7 @@ def test_over_long_prompt_is_skipped_and_counted(first):
     assert m["stats"]["skipped"][0]["prompt_id"] == "long"
     assert "prompt_too_long" in m["stats"]["skipped"][0]["reason"]
     assert m["rows"]["candidates"] == 6 and m["stats"]["generated_tokens"] > 0
+    assert m["stats"]["prompts_dropped"] == {"empty_text": 1} and "1 dropped for an empty text" in first[2].stdout
 
 
 def test_same_seed_same_candidates_whatever_the_batching(first):
