@@ -1,0 +1,37 @@
+"""The reference-pool sizing estimate printed with stage 3's plan (common.capacity)."""
+import pytest
+
+from common.capacity import describe, pool_balance
+
+A10G, A100 = {"accelerator_type:A10G": 0.001}, {"accelerator_type:A100": 0.001}
+
+
+def gpu(trainers, trainer_res, actors, actor_res, lora=True, gc=True):
+    return pool_balance(gpu=True, trainers=trainers, worker_resources=trainer_res, trainer_cpus=8, actors=actors,
+                        actor_resources=actor_res, actor_cpus=4, actor_gpus=1, lora=lora,
+                        gradient_checkpointing=gc)
+
+
+def test_four_a10g_actors_feed_a_third_of_eight_a100_trainers_and_twelve_would_balance():
+    b = gpu(8, A100, 4, A10G)  # LoRA + gradient checkpointing: a step ~ 3 reference forwards
+    assert b.supply_over_demand == pytest.approx(4 * 70 * 6 / (2 * 8 * 312))
+    assert b.balanced_concurrency == 12 and gpu(8, A100, 12, A10G).supply_over_demand >= 1
+    assert describe(b, 4, 8).startswith("WARNING:") and "concurrency: 12" in describe(b, 4, 8)
+
+
+def test_the_anyscale_recipes_ratio_is_balanced():
+    """Anyscale's recipe paired 4 A10G reference actors with 12 A10G trainers (LoRA, gradient checkpointing)."""
+    b = gpu(12, A10G, 4, A10G)
+    assert b.supply_over_demand == pytest.approx(1.0) and b.balanced_concurrency == 4
+    assert not describe(b, 4, 12).startswith("WARNING")
+
+
+def test_full_fine_tuning_steps_are_slower_so_fewer_actors_keep_up():
+    assert gpu(8, A100, 4, A10G, lora=False).balanced_concurrency == 9  # a step ~ 4 reference forwards
+
+
+def test_cpu_estimate_from_the_bundles_and_unknown_gpus_give_none():
+    cpu = pool_balance(gpu=False, trainers=1, worker_resources=A100, trainer_cpus=1, actors=1,
+                       actor_resources=A10G, actor_cpus=0.5, actor_gpus=0, lora=True, gradient_checkpointing=False)
+    assert cpu.supply_over_demand == pytest.approx(1.0)
+    assert gpu(8, {"accelerator_type:TPU-v9": 1}, 4, A10G) is None
