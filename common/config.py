@@ -370,7 +370,14 @@ class DPOStageConfig(StageBase):
     @field_validator("report_to", mode="before")
     @classmethod
     def _report_to_list(cls, v):  # transformers takes a single name too: report_to: tensorboard
-        return [v] if isinstance(v, str) and v not in ("none", "all") else v
+        v = [v] if isinstance(v, str) and v not in ("none", "all") else v
+        for name in v if isinstance(v, list) else ():
+            if name not in ("tensorboard", "mlflow", "wandb"):
+                close = difflib.get_close_matches(str(name), ["tensorboard", "mlflow", "wandb"], n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise ValueError(f"unknown tracker '{name}' ({hint}report_to takes tensorboard, mlflow, wandb, "
+                                 f"or \"none\" / \"all\")")
+        return v
 
     @model_validator(mode="after")
     def _logger_joins_report_to(self):

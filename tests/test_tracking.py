@@ -141,8 +141,8 @@ def test_report_to_takes_trl_and_transformers_spellings(tmp_path):
     assert report_to("report_to=tensorboard") == ["tensorboard"]
     assert report_to("report_to=[mlflow, tensorboard]") == ["mlflow", "tensorboard"]
     assert set(tracking.trackers(report_to("report_to=all"))) >= {"tensorboard", "mlflow"}  # both installed here
-    with pytest.raises(UserError, match="report_to"):
-        report_to("report_to=comet")
+    with pytest.raises(UserError, match="unknown tracker 'tensorbord' \\(did you mean 'tensorboard'\\?"):
+        report_to("report_to=tensorbord")
 
 
 def test_llmforge_logger_maps_to_report_to(tmp_path, monkeypatch):
