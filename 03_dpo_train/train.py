@@ -35,10 +35,12 @@ from common.progress import follow_training  # noqa: E402
 from common.ray_setup import check_fits, init_ray, print_plan  # noqa: E402
 from common.reference import add_reference_logps  # noqa: E402
 from common.stage import parse  # noqa: E402
+from common.tracking import collect, describe  # noqa: E402
+from common.tracking import plan as tracking_plan  # noqa: E402
 
 STAGE = "03_dpo_train"
 # How a run is kept and logged, not what it learns: changing them neither redoes the output nor loses checkpoints.
-NOT_HASHED = ("num_checkpoints_to_keep", "max_failures", "logging_steps")
+NOT_HASHED = ("num_checkpoints_to_keep", "max_failures", "logging_steps", "report_to", "logger")
 
 
 @cli
@@ -58,6 +60,11 @@ def main() -> None:
     out = StageOutput(cfg, STAGE, upstream=source, force=args.force, exclude_from_hash=NOT_HASHED)
     if out.reusable():
         return
+    run_name = f"dpo-{config_hash(cfg, *NOT_HASHED)}"  # the same name on a rerun: it finds its checkpoints
+    track = tracking_plan(cfg, out.work, run_name)  # report_to / logger; a missing package stops us here
+    if track["trackers"]:
+        print(f"[{STAGE}] report_to {', '.join(track['trackers'])}: runs written under {out.work} while training, "
+              f"then moved into the output", flush=True)
 
     init_ray(cfg.ray)
     # Imported once there is work to do: Ray Train after init_ray's environment, torch not at all for a dry run.
@@ -91,12 +98,13 @@ def main() -> None:
             "cfg": cfg.model_copy(update={"model_id": policy}).model_dump(mode="json"), "num_pairs": num_pairs,
             "metrics_file": str(work / "metrics.jsonl"), "error_file": str(error_file),
             "ref_cache_tmp": None if cache.hit else str(cache.tmp), "provenance_dir": str(work / "trainers"),
+            "tracking": track,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.num_devices, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.num_cpus_per_worker, **cfg.worker_resources}),
         run_config=RunConfig(
-            name=f"dpo-{config_hash(cfg, *NOT_HASHED)}",  # the same name on a rerun: it finds its checkpoints
+            name=run_name,
             storage_path=str(work / "ray"),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=cfg.max_failures)),
@@ -116,6 +124,7 @@ def main() -> None:
         if (result.final_dir / name).exists():
             (result.final_dir / name).rename(out.path(name))
     result.metrics_file.rename(out.path("metrics.jsonl"))
+    collect(track, out.path)  # TensorBoard / MLflow / W&B runs, beside the metrics they hold
     if not cache.hit:
         write_reference_cache(cache, num_pairs)
     plot_training_curves(out.path("metrics.jsonl"), out.path("training_curves.png"))
@@ -126,7 +135,7 @@ def main() -> None:
         rows={"pairs_trained": num_pairs}, stats=stats,
         model=str(out.final / "model"), adapter=str(out.final / "adapter") if cfg.lora_config else None,
         metrics_file=str(out.final / "metrics.jsonl"), curves=str(out.final / "training_curves.png"),
-        reference_cache=str(cache.path))
+        reference_cache=str(cache.path), report_to=track["trackers"])
     shutil.rmtree(work, ignore_errors=True)  # the output is complete: its checkpoints are no longer needed
     f = stats["final_metrics"]
     print(f"[{STAGE}] trained on {num_pairs} pairs ({sum(drops.values())} dropped: {drops}) for "
@@ -135,6 +144,8 @@ def main() -> None:
           f"{f.get('rewards/margins', float('nan')):+.3f}; reference log-probs {stats['reference_cache']}; "
           f"trainer waited {stats['ref_wait_seconds']:.1f}s for reference data in total. "
           f"Model: {manifest['model']}", flush=True)
+    for line in describe(track, out.final):
+        print(f"[{STAGE}] {line}", flush=True)
 
 
 if __name__ == "__main__":

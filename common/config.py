@@ -316,6 +316,14 @@ class LoraConfig(Base):
         return data
 
 
+class LoggerConfig(Base):
+    """LLMForge's `logger` block: `provider` joins `report_to`; `provider_config` goes to the tracker (wandb: the
+    kwargs of `wandb.init`; mlflow: the keys in common.tracking.MLFLOW_KEYS)."""
+
+    provider: Literal["wandb", "mlflow"]
+    provider_config: dict[str, Any] = {}
+
+
 class DPOStageConfig(StageBase):
     input_dir: str = "${output_dir}/02_judge"  # stage 2's output; or give train_path
     # your own TRL-format pairs (jsonl/parquet): prompt, chosen, rejected; "" is an error, not a fallback
@@ -353,6 +361,35 @@ class DPOStageConfig(StageBase):
     max_failures: int = Field(default=2, ge=-1)  # worker-group restarts from the last checkpoint
     logging_steps: int = Field(default=1, gt=0)
     seed: int = 0
+    # Experiment tracking (common/tracking.py): TRL's `report_to`, a list of tensorboard / mlflow / wandb, or "none",
+    # or "all" (every one installed). LLMForge's `logger` block adds its provider to it. Runs go under the stage's
+    # output (runs/, mlruns/, wandb/) unless MLFLOW_TRACKING_URI or the logger's provider_config says otherwise.
+    report_to: Union[Literal["none", "all"], list[Literal["tensorboard", "mlflow", "wandb"]]] = "none"
+    logger: Optional[LoggerConfig] = None
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_list(cls, v):  # transformers takes a single name too: report_to: tensorboard
+        v = [v] if isinstance(v, str) and v not in ("none", "all") else v
+        for name in v if isinstance(v, list) else ():
+            if name not in ("tensorboard", "mlflow", "wandb"):
+                close = difflib.get_close_matches(str(name), ["tensorboard", "mlflow", "wandb"], n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise ValueError(f"unknown tracker '{name}' ({hint}report_to takes tensorboard, mlflow, wandb, "
+                                 f"or \"none\" / \"all\")")
+        return v
+
+    @model_validator(mode="after")
+    def _logger_joins_report_to(self):
+        if self.logger is not None:
+            from common.tracking import check_logger  # the tracker-specific keys live with the trackers
+
+            check_logger(self.logger.provider, self.logger.provider_config)
+            if self.report_to == "none":
+                self.report_to = []
+            if isinstance(self.report_to, list) and self.logger.provider not in self.report_to:
+                self.report_to = [*self.report_to, self.logger.provider]
+        return self
 
     @model_validator(mode="after")
     def _llmforge_compat(self):

@@ -97,8 +97,20 @@ def win_tie_loss_bars(counts: dict[str, tuple[int, int, int]], path: Path, basel
     return Path(path)
 
 
+def smoothed(values: list[float], weight: float = 0.6) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average, debiased so the first points are not pulled to 0.
+    NaNs (a metric missing from a row) are skipped and keep the previous value."""
+    out, ema, norm = [], 0.0, 0.0
+    for v in values:
+        if not math.isnan(v):
+            ema, norm = weight * ema + (1 - weight) * v, weight * norm + (1 - weight)
+        out.append(ema / norm if norm else float("nan"))
+    return out
+
+
 def plot_training_curves(metrics_file: Path, out_png: Path) -> None:
-    """Stage 3's per-step loss, reward accuracy, margin and time waited for the reference pool."""
+    """Stage 3's per-step loss, reward accuracy, margin and time waited for the reference pool: raw points and a
+    smoothed line for training; the eval rows (`eval/...` keys) as larger markers on the same axes."""
     import json
 
     plt = _pyplot()
@@ -108,11 +120,19 @@ def plot_training_curves(metrics_file: Path, out_png: Path) -> None:
     keys = [("loss", "loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin"),
             ("ref_wait_seconds", "waited for reference (s)")]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
-    steps = [r["step"] for r in rows]
     for ax, (k, title) in zip(axes, keys):
-        ax.plot(steps, [r.get(k, float("nan")) for r in rows], marker=".")
+        train = [(r["step"], float(r[k])) for r in rows if k in r]
+        evals = [(r["step"], float(r[f"eval/{k}"])) for r in rows if f"eval/{k}" in r]
+        if train:
+            steps, values = zip(*train)
+            ax.plot(steps, values, ".", color="#4c72b0", alpha=0.35, label="train")
+            ax.plot(steps, smoothed(list(values)), "-", color="#4c72b0", label="train (smoothed)")
+        if evals:
+            steps, values = zip(*evals)
+            ax.plot(steps, values, "o--", color="#c44e52", markersize=6, linewidth=0.8, label="eval")
         ax.set_title(title)
         ax.set_xlabel("step")
+    axes[0].legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from common import schema as S
+from common import tracking
 from common.config import DPOStageConfig
 from common.dpo_loss import dpo_loss, dpo_metrics, model_logps, supports_logits_to_keep
 from common.progress import step_line
@@ -98,6 +99,8 @@ def train_loop_per_worker(config: dict) -> None:
     run = setup(cfg, config["num_pairs"], config.get("provenance_dir"))
     feed = Feed(cfg, ray.train.get_dataset_shard("train"))
     log = MetricsLog(Path(config["metrics_file"]))
+    if run.rank == 0:  # the trackers get every row metrics.jsonl gets (common.tracking.log_metrics)
+        tracking.start(config.get("tracking"), config["cfg"])
     if ray.train.get_checkpoint():  # the driver shows the resume from the first record (common.progress)
         log.notes["resumed_from_step"] = run.progress.global_step
     last: dict = {"step": run.progress.global_step}
@@ -108,12 +111,14 @@ def train_loop_per_worker(config: dict) -> None:
         except NonFiniteLoss as e:
             if run.rank == 0:  # the driver turns this into one line and exit 2 (no retries: it would recur)
                 Path(config["error_file"]).write_text(str(e))
+            tracking.finish()
             return
         kept = feed.end_epoch(complete_pass)
         if kept is not None and config.get("ref_cache_tmp"):
             _write_ref_cache(kept, Path(config["ref_cache_tmp"]), run.rank)
         run.progress = Progress(epoch=epoch + 1, global_step=run.progress.global_step)
         report(run, last, merged=epoch + 1 == cfg.num_epochs)
+    tracking.finish()
 
 
 def train_epoch(run: Run, feed: Feed, log: MetricsLog, epoch: int) -> dict | None:
@@ -420,6 +425,7 @@ class MetricsLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(m) + "\n")
             print(step_line(m), flush=True)  # to Ray's log files; the driver shows it (common.progress)
+            tracking.log_metrics(m)
         self._new_window()
         return m
 

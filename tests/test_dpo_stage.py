@@ -52,7 +52,8 @@ def trained(tmp_path_factory):
     pairs = write_pairs(tmp / "pairs.jsonl", 4)
     with open(pairs, "a") as f:  # chosen == rejected: nothing to learn, dropped and counted
         f.write(json.dumps({"prompt": "Say it.", "chosen": "The same.", "rejected": "The same."}) + "\n")
-    proc = run_stage(SCRIPT, CONFIG, f"train_path={pairs}", f"output_dir={tmp}", *TRAINED_SETS)
+    proc = run_stage(SCRIPT, CONFIG, f"train_path={pairs}", f"output_dir={tmp}", *TRAINED_SETS,
+                     "report_to=[tensorboard, mlflow]")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp, pairs, proc
 
@@ -76,6 +77,16 @@ def test_overfitting_a_fixed_batch_lowers_loss_and_raises_accuracy(trained):
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.05
     assert rows[-1]["rewards/accuracies"] >= 0.75 > rows[0]["rewards/accuracies"]
     assert rows[-1]["rewards/margins"] > 0
+
+
+def test_tensorboard_and_mlflow_runs_hold_the_metrics_jsonl(trained, monkeypatch):
+    """report_to=[tensorboard, mlflow]: rank 0's runs moved into the output, each holding metrics.jsonl's rows."""
+    from test_tracking import assert_runs_match_metrics
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads its file store only when asked
+    out = trained[0] / "03_dpo_train"
+    assert {"runs", "mlruns"} <= set(manifest(trained[0])["files"]) and "mlflow ui" in trained[2].stdout
+    assert_runs_match_metrics(out)
 
 
 def test_trainer_takes_the_reference_core_once_the_pass_is_over(trained):
