@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import schema as S  # noqa: E402
 from common.config import config_hash, require_model  # noqa: E402
-from common.dpo import (check_enough_pairs, load_pairs, plan, read_train_result, reference_cache,  # noqa: E402
-                        tokenize_pairs, with_cached_logps, write_reference_cache)
+from common.dpo import (check_enough_pairs, gpus_are_auto, load_pairs, plan, plan_notes,  # noqa: E402
+                        read_train_result, reference_cache, resolve_gpus, tokenize_pairs, with_cached_logps,
+                        write_reference_cache)
 from common.errors import UserError, cli  # noqa: E402
 from common.io import StageOutput, read_manifest  # noqa: E402
 from common.model_check import check_lora_targets  # noqa: E402
@@ -46,11 +47,18 @@ NOT_HASHED = ("num_checkpoints_to_keep", "max_failures", "logging_steps", "repor
 @cli
 def main() -> None:
     args, cfg = parse(STAGE, __doc__)
-    asks = plan(cfg)
-    print_plan(STAGE, asks, cfg.ray)
+    print_plan(STAGE, plan(cfg), cfg.ray)
+    for note in plan_notes(cfg):
+        print(f"[{STAGE}]   {note}", flush=True)
     if args.dry_run:
         return
-    check_fits(STAGE, asks, cfg.ray)
+    if gpus_are_auto(cfg):  # as LLMForge: GPUs if the cluster has them, which only the running Ray can say
+        init_ray(cfg.ray)
+        import ray
+
+        cfg, chosen = resolve_gpus(cfg, ray.cluster_resources().get("GPU", 0))
+        print(f"[{STAGE}]   {chosen}", flush=True)
+    check_fits(STAGE, plan(cfg), cfg.ray)
     policy = require_model(cfg.model_id, "model_id")
     ref = require_model(cfg.reference_model_id or cfg.model_id, "reference_model_id")
     upstream = None if cfg.train_path else read_manifest(cfg.input_dir, "02_judge")
@@ -95,7 +103,9 @@ def main() -> None:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "cfg": cfg.model_copy(update={"model_id": policy}).model_dump(mode="json"), "num_pairs": num_pairs,
+            # deepspeed: already turned into strategy + sharding; the workers need not read its JSON again
+            "cfg": cfg.model_copy(update={"model_id": policy, "deepspeed": None}).model_dump(mode="json"),
+            "num_pairs": num_pairs,
             "metrics_file": str(work / "metrics.jsonl"), "error_file": str(error_file),
             "ref_cache_tmp": None if cache.hit else str(cache.tmp), "provenance_dir": str(work / "trainers"),
             "tracking": track,

@@ -4,7 +4,9 @@ Every key has a default, unknown keys are errors (with the closest valid key sug
 line naming the YAML file: `load_config` raises `UserError`, which the stage's `cli` wrapper turns into exit 2.
 Stage 3's keys take LLMForge's DPO names where the two share a setting (`preference_tuning_config`,
 `logprob_processor_scaling_config`, `num_data_blocks_per_device`, `lora_config`, `model_id`, ...); it is not a
-verbatim copy: some LLMForge keys are mapped (`deepspeed` -> strategy=fsdp), others are absent, some are our own.
+verbatim copy: some LLMForge keys are mapped (`deepspeed` -> FSDP sharding, `flash_attention_2` ->
+attn_implementation), the rest are refused in one line naming the replacement (LLMFORGE_REFUSED); some are our own.
+docs/migrating-from-llmforge.md lists every key.
 """
 from __future__ import annotations
 
@@ -263,7 +265,15 @@ class LogprobProcessorScalingConfig(Base):
     concurrency: Union[int, tuple[int, int]] = 1  # reference actors (int, or (min, max) to autoscale)
     batch_size: int = Field(default=4, gt=0)  # pairs per reference forward
     num_cpus: float = Field(default=0.5, gt=0)  # per actor; fractional so 2 cores never deadlock
-    num_gpus: float = Field(default=0.0, ge=0)  # per actor on GPU clusters
+    # per actor; "auto" (as LLMForge): 1 when the Ray cluster has GPUs, else 0 (resolved once Ray is up)
+    num_gpus: Union[Literal["auto"], float] = "auto"
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _gpus(cls, v):
+        if v != "auto" and v < 0:
+            raise ValueError("num_gpus must be >= 0 or auto")
+        return v
 
     @field_validator("concurrency")
     @classmethod
@@ -324,6 +334,66 @@ class LoggerConfig(Base):
     provider_config: dict[str, Any] = {}
 
 
+# DeepSpeed ZeRO stage -> the FSDP sharding that keeps the same states sharded (torch's ShardingStrategy names).
+# ZeRO-1 shards optimizer states only; FSDP has no such mode, SHARD_GRAD_OP (grads too) is the nearest.
+ZERO_TO_FSDP = {3: ("fsdp", "FULL_SHARD"), 2: ("fsdp", "SHARD_GRAD_OP"), 1: ("fsdp", "SHARD_GRAD_OP"),
+                0: ("ddp", None)}
+FSDP_WORDS = {"FULL_SHARD": "full shard", "SHARD_GRAD_OP": "shard grad+optimizer", None: "replicated"}
+
+# LLMForge keys that have no counterpart here: each is refused in one line naming what to use instead.
+LLMFORGE_REFUSED = {
+    "classifier_config": "LLM classifiers are not trained here (DPO only); use task: preference_tuning",
+    "generation_config": "the prompt format is the model's own chat template (tokenizer_config.json); give a "
+                         "model_id whose template you want, or edit its chat_template",
+    "embedding_scaling_technique": "context extension is not done here; pick a model whose context covers "
+                                   "context_length",
+    "liger_kernel": "Liger kernels are not used here; use gradient_checkpointing: true (or "
+                    "attn_implementation) to save memory",
+    "initial_base_model_ckpt_path": "give that checkpoint folder as model_id",
+    "initial_adapter_model_ckpt_path": "merge the adapter into its base (peft merge_and_unload) and give the "
+                                       "merged folder as model_id",
+    "optimizer_config": "the optimizer is AdamW; use learning_rate, weight_decay, lr_scheduler_type, "
+                        "warmup_steps",
+    "max_num_checkpoints": "use checkpoint_every_n_steps (0 = at the end of each epoch) and num_checkpoints_to_keep",
+    "checkpoint_and_evaluation_frequency": "use checkpoint_every_n_steps (0 = at the end of each epoch)",
+    "min_num_update_steps": "the run length is num_epochs over the pairs",
+}
+# LLMForge spellings of our keys: LLMForge key -> (our key, its value in our terms).
+LLMFORGE_RENAMES = {
+    "num_warmup_steps": ("warmup_steps", lambda v: v),
+    "no_gradient_checkpoint": ("gradient_checkpointing", lambda v: v if v is None else not v),
+    "flash_attention_2": ("attn_implementation", lambda v: "flash_attention_2" if v else None),
+}
+TASK_HINT = ("LLMForge's other tasks (causal_lm, instruction_tuning, classification, vision_language) are "
+             "supervised fine-tuning; this stage trains DPO only. For SFT on Ray use TRL's SFTTrainer or "
+             "LLaMA-Factory, then give the SFT model as model_id here")
+
+
+class DeepSpeedConfig(Base):
+    """LLMForge's `deepspeed: {config_path: ...}`. Its ZeRO stage is read from the JSON and becomes FSDP sharding;
+    DeepSpeed itself is not used (Ray Train's FSDP needs no launcher and no extra dependency)."""
+
+    config_path: str = Field(min_length=1)  # a DeepSpeed JSON; relative paths are from the repo root
+    zero_stage: Optional[int] = None  # read from the file (zero_optimization.stage); not set by hand
+
+    @model_validator(mode="after")
+    def _read_stage(self):
+        p = resolve(self.config_path)
+        try:
+            ds = json.loads(p.read_text())
+            stage = int((ds.get("zero_optimization") or {}).get("stage", 0))
+        except FileNotFoundError:
+            raise ValueError(f"DeepSpeed config {self.config_path} not found (relative paths are from the repo "
+                             f"root); or set deepspeed: null and strategy: fsdp") from None
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"cannot read the ZeRO stage from {self.config_path} ({type(e).__name__}: {e}); "
+                             f"it must be JSON with zero_optimization.stage") from None
+        if stage not in ZERO_TO_FSDP:
+            raise ValueError(f"{self.config_path}: zero_optimization.stage {stage} is not a ZeRO stage (0-3)")
+        self.zero_stage = stage
+        return self
+
+
 class DPOStageConfig(StageBase):
     input_dir: str = "${output_dir}/02_judge"  # stage 2's output; or give train_path
     # your own TRL-format pairs (jsonl/parquet): prompt, chosen, rejected; "" is an error, not a fallback
@@ -339,9 +409,15 @@ class DPOStageConfig(StageBase):
     worker_resources: dict[str, float] = {"accelerator_type:A100": 0.001}  # custom resources per worker
     num_cpus_per_worker: float = Field(default=1.0, gt=0)
     cpu_threads_after_reference: Optional[int] = Field(default=None, gt=0)  # CPU: trainer threads once the pool is done
-    use_gpu: bool = False
+    # one GPU per worker; "auto" (as LLMForge): true when the Ray cluster has GPUs (resolved once Ray is up)
+    use_gpu: Union[bool, Literal["auto"]] = "auto"
     strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp shards the policy for models that do not fit one GPU
-    deepspeed: Optional[dict[str, Any]] = None  # LLMForge key: accepted, mapped to strategy=fsdp
+    # fsdp only: FULL_SHARD (params, grads, optimizer: ZeRO-3) | SHARD_GRAD_OP (grads, optimizer: ZeRO-2)
+    fsdp_sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP"] = "FULL_SHARD"
+    deepspeed: Optional[DeepSpeedConfig] = None  # LLMForge key: its ZeRO stage sets strategy + sharding
+    # transformers' attn_implementation for policy and reference; None = its default (sdpa). LLMForge's
+    # `flash_attention_2: true` sets "flash_attention_2" (needs the flash-attn package and a GPU).
+    attn_implementation: Optional[str] = None
     num_epochs: int = Field(default=1, gt=0)
     learning_rate: float = Field(default=5e-6, gt=0)
     lr_scheduler_type: Literal["constant", "linear", "cosine"] = "cosine"
@@ -391,10 +467,54 @@ class DPOStageConfig(StageBase):
                 self.report_to = [*self.report_to, self.logger.provider]
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _llmforge_keys(cls, data):
+        """LLMForge spellings mapped to ours (same meaning), and its keys we cannot honour refused in one line."""
+        if not isinstance(data, dict):
+            return data
+        for key, hint in LLMFORGE_REFUSED.items():
+            if key in data:
+                raise ValueError(f"'{key}' (LLMForge key) is not supported: {hint}")
+        data = dict(data)
+        for old, (new, convert) in LLMFORGE_RENAMES.items():
+            if old in data:
+                value = convert(data.pop(old))
+                if new in data and data[new] != value and value is not None:
+                    raise ValueError(f"'{old}' (LLMForge key) and '{new}' disagree; keep one of them")
+                if value is not None:
+                    data.setdefault(new, value)
+        if data.get("checkpoint_every_n_epochs") not in (None, 1):
+            raise ValueError("'checkpoint_every_n_epochs' (LLMForge key): only 1 (a checkpoint at each epoch's "
+                             "end, the default here) is supported; use checkpoint_every_n_steps for more")
+        data.pop("checkpoint_every_n_epochs", None)
+        if data.get("trainer_resources"):
+            raise ValueError("'trainer_resources' (LLMForge key): Ray Train's controller here holds no resources; "
+                             "remove it (worker_resources place the training workers)")
+        data.pop("trainer_resources", None)
+        return data
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _task(cls, v):
+        if v != "preference_tuning":
+            raise ValueError(f"{v!r} is not supported: {TASK_HINT}")
+        return v
+
+    @field_validator("padding", mode="before")
+    @classmethod
+    def _padding(cls, v):
+        if v != "longest":
+            raise ValueError(f"{v!r} is not supported: batches are padded to their longest row (padding to "
+                             f"context_length gives the same loss, padded tokens are masked, at more compute); "
+                             f"use padding: longest")
+        return v
+
     @model_validator(mode="after")
     def _llmforge_compat(self):
-        if self.deepspeed is not None:  # LLMForge's ZeRO-3 role is played by FSDP here
-            self.strategy = "fsdp"
+        if self.deepspeed is not None:  # DeepSpeed's ZeRO role is played by FSDP here (common.dpo.plan_notes)
+            self.strategy, sharding = ZERO_TO_FSDP[self.deepspeed.zero_stage]
+            self.fsdp_sharding_strategy = sharding or self.fsdp_sharding_strategy
         if self.max_prompt_length >= self.context_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below context_length "
                              f"({self.context_length}) to leave room for the response")
@@ -515,7 +635,7 @@ def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
                 break
         else:
             return []
-    return list(model.model_fields)
+    return list(model.model_fields) + (list(LLMFORGE_RENAMES) if model is DPOStageConfig else [])
 
 
 def _explain(err: ValidationError, schema: type[BaseModel], where: str) -> str:
@@ -527,6 +647,8 @@ def _explain(err: ValidationError, schema: type[BaseModel], where: str) -> str:
         hint = f"did you mean '{'.'.join(map(str, loc[:-1] + (close[0],)))}'?" if close else \
             f"valid keys here: {', '.join(_valid_keys(schema, loc))}"
         return f"{where}: unknown key '{key}' ({hint})"
+    if not loc:  # a whole-config check (e.g. an LLMForge key refused): its message names the key
+        return f"{where}: {e['msg'].removeprefix('Value error, ')}"
     got = e.get("input")
     got = f" (got {json.dumps(got, default=str)[:60]})" if not isinstance(got, dict) else ""
     msg = e["msg"].removeprefix("Value error, ")

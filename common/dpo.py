@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from common import schema as S
-from common.config import DPOStageConfig, resolve
+from common.config import FSDP_WORDS, DPOStageConfig, resolve
 from common.data import num_blocks, read_table
 from common.errors import UserError
 from common.io import fingerprint
@@ -25,16 +25,59 @@ from common.tokenize import (DROP_EMPTY, DROP_IDENTICAL, TOKENIZATION_VERSION, l
 
 
 def plan(cfg: DPOStageConfig) -> list[Ask]:
+    """The Ray workers stage 3 starts. A GPU count still `auto` shows the GPU cluster's plan (plan_notes says so)."""
     sc = cfg.preference_tuning_config.logprob_processor_scaling_config
     lo = sc.concurrency if isinstance(sc.concurrency, int) else sc.concurrency[0]
+    ref_gpus = 1.0 if sc.num_gpus == "auto" else sc.num_gpus
     worker = {"CPU": cfg.num_cpus_per_worker, **({"GPU": 1.0} if cfg.use_gpu else {}), **cfg.worker_resources}
-    ref = {"CPU": sc.num_cpus, **({"GPU": sc.num_gpus} if sc.num_gpus else {}), **sc.custom_resources}
+    ref = {"CPU": sc.num_cpus, **({"GPU": ref_gpus} if ref_gpus else {}), **sc.custom_resources}
     backend = cfg.preference_tuning_config.reference_backend
+    strategy = cfg.strategy if cfg.strategy == "ddp" else f"fsdp {FSDP_WORDS[cfg.fsdp_sharding_strategy]}"
     return [
-        Ask(f"DPO train worker ({cfg.strategy})", cfg.num_devices, worker),
+        Ask(f"DPO train worker ({strategy})", cfg.num_devices, worker),
         Ask(f"reference log-prob actor ({backend})", lo, ref),
         Ask("tokenize / read task", 1, {"CPU": 0.25}),
     ]
+
+
+def plan_notes(cfg: DPOStageConfig) -> list[str]:
+    """What the plan's lines do not show: LLMForge keys mapped to ours, and GPU counts resolved at run time."""
+    notes = []
+    if cfg.deepspeed is not None:
+        ds = cfg.deepspeed
+        to = "DDP (nothing sharded)" if cfg.strategy == "ddp" else \
+            f"FSDP {FSDP_WORDS[cfg.fsdp_sharding_strategy]} ({cfg.fsdp_sharding_strategy})"
+        if ds.zero_stage == 1:
+            to += ", the nearest: FSDP has no optimizer-only sharding"
+        notes.append(f"deepspeed ZeRO-{ds.zero_stage} ({ds.config_path}) -> {to}")
+    if cfg.attn_implementation:
+        notes.append(f"attention: {cfg.attn_implementation} (policy and reference)")
+    sc = cfg.preference_tuning_config.logprob_processor_scaling_config
+    auto = [what for what, v in (("trainer", cfg.use_gpu), ("reference actor", sc.num_gpus)) if v == "auto"]
+    if auto:
+        notes.append(f"GPUs auto: 1 GPU per {' / per '.join(auto)} if the cluster has GPUs, else CPU "
+                     f"(resolved when Ray starts; set use_gpu / logprob_processor_scaling_config.num_gpus to fix it)")
+    return notes
+
+
+def gpus_are_auto(cfg: DPOStageConfig) -> bool:
+    return "auto" in (cfg.use_gpu, cfg.preference_tuning_config.logprob_processor_scaling_config.num_gpus)
+
+
+def resolve_gpus(cfg: DPOStageConfig, cluster_gpus: float) -> tuple[DPOStageConfig, str | None]:
+    """`auto` GPU counts made concrete for a Ray cluster with `cluster_gpus` GPUs (as LLMForge: one GPU per trainer
+    and per reference actor when there are GPUs, CPU when there are none). Returns the config and what was chosen."""
+    if not gpus_are_auto(cfg):
+        return cfg, None
+    ptc = cfg.preference_tuning_config
+    sc = ptc.logprob_processor_scaling_config
+    has = cluster_gpus > 0
+    sc = sc.model_copy(update={"num_gpus": (1.0 if has else 0.0) if sc.num_gpus == "auto" else sc.num_gpus})
+    cfg = cfg.model_copy(update={
+        "use_gpu": has if cfg.use_gpu == "auto" else cfg.use_gpu,
+        "preference_tuning_config": ptc.model_copy(update={"logprob_processor_scaling_config": sc})})
+    where = "1 GPU per trainer / per reference actor" if has else "CPU trainers and reference actors"
+    return cfg, f"GPUs auto: the cluster has {cluster_gpus:g} GPU(s) -> {where}"
 
 
 def _as_messages(x, role: str) -> list[dict]:

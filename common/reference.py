@@ -50,13 +50,14 @@ class ReferenceLogProbProcessor:
     `ref_rejected_logps` (summed over response tokens)."""
 
     def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False,
-                 provenance_dir: str | None = None):
+                 provenance_dir: str | None = None, attn_implementation: str | None = None):
         import torch
         from transformers import AutoModelForCausalLM
 
         self.torch = torch
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code).eval()
+            model_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation).eval()
         if torch.cuda.is_available():
             self.model.to("cuda")
         self.pad_id = self.model.config.pad_token_id or 0
@@ -132,10 +133,12 @@ def add_reference_logps(ds, cfg, model_path: str, provenance_dir: str | None = N
     sc = cfg.preference_tuning_config.logprob_processor_scaling_config
     ptc = cfg.preference_tuning_config
     lo, hi = (sc.concurrency, sc.concurrency) if isinstance(sc.concurrency, int) else sc.concurrency
-    kwargs = dict(model_path=model_path, dtype=cfg.dtype, provenance_dir=provenance_dir)
+    kwargs = dict(model_path=model_path, dtype=cfg.dtype, provenance_dir=provenance_dir,
+                  attn_implementation=cfg.attn_implementation)
     cls = ReferenceLogProbProcessor
     if ptc.reference_backend == "vllm":
         cls = VLLMReferenceLogProbProcessor
+        kwargs.pop("attn_implementation")  # vLLM picks its own attention kernels
         kwargs.update(tensor_parallel_size=ptc.reference_tensor_parallel_size, max_model_len=cfg.context_length + 1)
     return ds.map_batches(
         cls,

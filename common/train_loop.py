@@ -153,7 +153,8 @@ def build_model(cfg: DPOStageConfig, dtype: torch.dtype) -> torch.nn.Module:
     """The policy in train mode: the SFT model, with peft's LoRA (`lora_config` as is) unless full fine-tuning."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(cfg.model_id, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model_id, dtype=dtype,
+                                                 attn_implementation=cfg.attn_implementation)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:  # non-reentrant: works with frozen embeddings (LoRA) and DDP alike
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -173,6 +174,7 @@ def setup(cfg: DPOStageConfig, num_pairs: int, provenance_dir: str | None = None
     restarted this worker group or a rerun found one."""
     import ray.train
     import ray.train.torch
+    from torch.distributed.fsdp import ShardingStrategy
     from transformers import get_scheduler
 
     ctx = ray.train.get_context()
@@ -182,7 +184,8 @@ def setup(cfg: DPOStageConfig, num_pairs: int, provenance_dir: str | None = None
     torch.set_num_threads(max(1, int(cfg.num_cpus_per_worker)))
     model = build_model(cfg, getattr(torch, cfg.dtype))
     head_window = supports_logits_to_keep(model.get_base_model() if hasattr(model, "get_base_model") else model)
-    model = ray.train.torch.prepare_model(model, parallel_strategy=cfg.strategy)
+    fsdp = {"sharding_strategy": ShardingStrategy[cfg.fsdp_sharding_strategy]} if cfg.strategy == "fsdp" else None
+    model = ray.train.torch.prepare_model(model, parallel_strategy=cfg.strategy, parallel_strategy_kwargs=fsdp)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     batches = math.ceil(num_pairs // world / cfg.train_batch_size_per_device)

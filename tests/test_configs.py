@@ -16,7 +16,7 @@ SCRIPTS = {"01_generate": "01_generate/generate.py", "02_judge": "02_judge/judge
 
 
 def stage_of(path: Path) -> str:
-    return path.stem
+    return "03_dpo_train" if path.stem == "llmforge_dpo" else path.stem  # an LLMForge config is stage 3's
 
 
 def test_every_stage_has_a_quickstart_and_a_gpu_config():
@@ -134,5 +134,5 @@ def test_overrides_and_interpolation():
 
 def test_llmforge_deepspeed_key_maps_to_fsdp():
     cfg = load_config("03_dpo_train", str(REPO / "configs/quickstart/03_dpo_train.yaml"),
-                      ["deepspeed={config_path: zero_3.json}"])
+                      ["deepspeed={config_path: configs/gpu/deepspeed_configs/zero_3.json}"])
     assert cfg.strategy == "fsdp"
