@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from common import schema as S
+from common.capacity import describe, pool_balance
 from common.config import FSDP_WORDS, DPOStageConfig, resolve
 from common.data import num_blocks, read_table
 from common.errors import UserError
@@ -57,6 +58,16 @@ def plan_notes(cfg: DPOStageConfig) -> list[str]:
     if auto:
         notes.append(f"GPUs auto: 1 GPU per {' / per '.join(auto)} if the cluster has GPUs, else CPU "
                      f"(resolved when Ray starts; set use_gpu / logprob_processor_scaling_config.num_gpus to fix it)")
+    actors = sc.concurrency if isinstance(sc.concurrency, int) else sc.concurrency[1]
+    ref_gpus = (1.0 if sc.num_gpus == "auto" else sc.num_gpus) * cfg.preference_tuning_config.\
+        reference_tensor_parallel_size
+    balance = pool_balance(gpu=cfg.use_gpu is not False, trainers=cfg.num_devices,
+                           worker_resources=cfg.worker_resources, trainer_cpus=cfg.num_cpus_per_worker,
+                           actors=actors, actor_resources=sc.custom_resources, actor_cpus=sc.num_cpus,
+                           actor_gpus=ref_gpus, lora=cfg.lora_config is not None,
+                           gradient_checkpointing=cfg.gradient_checkpointing)
+    if balance:
+        notes.append(describe(balance, actors, cfg.num_devices))
     return notes
 
 

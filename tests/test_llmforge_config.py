@@ -138,7 +138,7 @@ def test_gpus_auto_resolve_to_one_per_trainer_and_reference_actor_or_cpu():
 def test_quickstart_gpus_are_fixed_so_nothing_changes_on_this_machine():
     cfg = load_config("03_dpo_train", str(QUICKSTART))
     assert resolve_gpus(cfg, 4) == (cfg, None)  # use_gpu: false, num_gpus: 0 written out: never auto
-    assert plan_notes(cfg) == []
+    assert [n for n in plan_notes(cfg) if "auto" in n or "deepspeed" in n] == []  # only the pool estimate
 
 
 @pytest.mark.slow
