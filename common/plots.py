@@ -103,6 +103,8 @@ def plot_training_curves(metrics_file: Path, out_png: Path) -> None:
 
     plt = _pyplot()
     rows = [json.loads(line) for line in open(metrics_file)] if Path(metrics_file).exists() else []
+    evals = [r for r in rows if "eval/loss" in r]  # held-out pairs (common.validation): drawn over the train curve
+    rows = [r for r in rows if "eval/loss" not in r]
     if not rows:
         return
     keys = [("loss", "loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin"),
@@ -110,7 +112,10 @@ def plot_training_curves(metrics_file: Path, out_png: Path) -> None:
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
     steps = [r["step"] for r in rows]
     for ax, (k, title) in zip(axes, keys):
-        ax.plot(steps, [r.get(k, float("nan")) for r in rows], marker=".")
+        ax.plot(steps, [r.get(k, float("nan")) for r in rows], marker=".", label="train")
+        if evals and f"eval/{k}" in evals[0]:
+            ax.plot([r["step"] for r in evals], [r[f"eval/{k}"] for r in evals], marker="o", label="eval")
+            ax.legend()
         ax.set_title(title)
         ax.set_xlabel("step")
     fig.tight_layout()
