@@ -8,7 +8,8 @@ Reads `<output_dir>/01_generate/`, drops the candidates `filters` reject (empty,
 characters, duplicates), scores the rest with the judge named by `judge.type` (similarity: MiniLM on CPU; quiz,
 rubric: a judge LLM through vLLM on Ray Data) and pairs them with the `pairing` rule. Writes `<output_dir>/02_judge/`:
 the pairs under data/ (prompt, chosen, rejected as chat messages, plus both scores and lengths), candidates.parquet
-(every candidate, its score and why it was filtered), scores.png, length_gap.png and manifest.json.
+(every candidate, its score and why it was filtered), scores.png, length_gap.png and manifest.json; with
+`pairing.valid_fraction`, the pairs of that share of prompts go to valid_pairs.parquet instead (stage 3's validation).
 """
 import sys
 import time
@@ -27,7 +28,7 @@ from common.errors import UserError, cli  # noqa: E402
 from common.filters import filter_reasons  # noqa: E402
 from common.io import StageOutput, read_manifest  # noqa: E402
 from common.judges import build_judge, error_counts, num_words, parse_details, score_range  # noqa: E402
-from common.pairing import check_threshold, make_pairs, pairable, summarize  # noqa: E402
+from common.pairing import check_threshold, make_pairs, pairable, split_valid, summarize  # noqa: E402
 from common.plots import length_gap_histogram, score_histogram  # noqa: E402
 from common.ray_setup import Ask, check_fits, init_ray, print_plan  # noqa: E402
 from common.stage import parse  # noqa: E402
@@ -85,8 +86,12 @@ def main() -> None:
                         f"stage 3 to train on; lower pairing.min_length_gap or pairing.quality_margin, loosen "
                         f"filters, or sample more candidates per prompt in stage 1 (sampling.n)")
 
+    # Held out by prompt: stage 3 evaluates on them (eval/loss), and never trains on them.
+    train, valid = split_valid(pairs, cfg.pairing.valid_fraction, cfg.seed)
     out.begin()
-    ray.data.from_items(pairs, override_num_blocks=1).write_parquet(str(out.data))
+    ray.data.from_items(train, override_num_blocks=1).write_parquet(str(out.data))
+    if valid:
+        pq.write_table(pa.Table.from_pylist(valid), out.path("valid_pairs.parquet"))
     removed = table.filter(pa.array([bool(r) for r in reasons])).drop_columns([S.PROMPT]).to_pandas()
     removed[S.FILTER_REASON] = [r for r in reasons if r]
     removed[S.NUM_WORDS] = [num_words(t) for t in removed[S.RESPONSE]]
@@ -101,9 +106,12 @@ def main() -> None:
         "judge": cfg.judge.type, "candidates": n, "filtered": sum(filtered.values()), "filtered_by_reason": filtered,
         "candidates_scored": len(scored) - unparseable, "unparseable": unparseable,
         "unparseable_by_reason": error_counts(details), "score": summarize(scored[S.SCORE]),
-        **pair_stats, "judge_details": judge.summary(details), "judge_seconds": round(seconds, 1),
+        **pair_stats, "valid_pairs": len(valid), "valid_prompts": len({p[S.PROMPT_ID] for p in valid}),
+        "judge_details": judge.summary(details), "judge_seconds": round(seconds, 1),
     }
-    manifest = out.commit(rows={"pairs": len(pairs), "candidates": n}, stats=stats)
+    manifest = out.commit(rows={"pairs": len(train), "valid_pairs": len(valid), "candidates": n}, stats=stats,
+                          valid_pairs=str(out.final / "valid_pairs.parquet") if valid else None)
+    held = f"{len(valid)} pairs of {stats['valid_prompts']} prompts held out for validation. " if valid else ""
     print(f"[{STAGE}] {n} candidates: {sum(filtered.values())} filtered {filtered or ''}, {len(scored)} judged by "
           f"{cfg.judge.type} in {seconds:.0f}s ({unparseable} unparseable, mean score "
           f"{stats['score'].get('mean', float('nan')):.3f}). {len(pairs)} pairs from {pair_stats['prompts_with_pairs']} "
@@ -111,7 +119,8 @@ def main() -> None:
           f"{pair_stats['pairs_by_rule']['length']} on length; {pair_stats['ties_dropped']} ties dropped; at most "
           f"{pair_stats['pairs_per_prompt_max']} per prompt); chosen minus rejected, on average: "
           f"{pair_stats['chosen_minus_rejected_words_mean']:+.1f} words, "
-          f"{pair_stats['chosen_minus_rejected_score_mean']:+.3f} score. Output: {manifest['dir']}", flush=True)
+          f"{pair_stats['chosen_minus_rejected_score_mean']:+.3f} score. {held}"
+          f"Output: {manifest['dir']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ Pipeline: pairs (stage 2, or your own TRL-format `train_path`) -> tokenise (comm
 reference and the trainer) -> reference log-probs from a `map_batches` actor pool sized by
 `preference_tuning_config.logprob_processor_scaling_config` (common.reference) -> streamed into `num_devices`
 TorchTrainer workers via `get_dataset_shard` (the worker loop: common.train_loop). Reference log-probs are cached per
-(reference model, data, tokenisation) fingerprint beside the pairs, so reruns skip the reference pool. Writes
+(reference model, data, tokenisation) fingerprint beside the pairs, so reruns skip the reference pool. Held-out
+pairs (`valid_path`, or stage 2's `pairing.valid_fraction` share) get reference log-probs the same way and are
+scored at step 0, every `eval_steps` steps and at the end (common.validation: TRL's eval/* metrics). Writes
 `<output_dir>/03_dpo_train/`: the merged model (`model/`, loads in transformers and vLLM), the LoRA adapter
 (`adapter/`), per-step metrics and training curves, manifest.json.
 """
@@ -25,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import schema as S  # noqa: E402
 from common.config import config_hash, require_model  # noqa: E402
-from common.dpo import (check_enough_pairs, gpus_are_auto, load_pairs, plan, plan_notes,  # noqa: E402
-                        read_train_result, reference_cache, resolve_gpus, tokenize_pairs, with_cached_logps,
-                        write_reference_cache)
+from common.dpo import (check_enough_pairs, gpus_are_auto, load_pairs, load_valid_pairs, plan,  # noqa: E402
+                        plan_notes, read_train_result, reference_cache, resolve_gpus, tokenize_pairs,
+                        valid_with_reference, with_cached_logps, write_reference_cache)
 from common.errors import UserError, cli  # noqa: E402
 from common.io import StageOutput, read_manifest  # noqa: E402
 from common.model_check import check_lora_targets  # noqa: E402
@@ -41,7 +43,8 @@ from common.tracking import plan as tracking_plan  # noqa: E402
 
 STAGE = "03_dpo_train"
 # How a run is kept and logged, not what it learns: changing them neither redoes the output nor loses checkpoints.
-NOT_HASHED = ("num_checkpoints_to_keep", "max_failures", "logging_steps", "report_to", "logger")
+NOT_HASHED = ("num_checkpoints_to_keep", "max_failures", "logging_steps", "report_to", "logger", "eval_steps",
+              "eval_batch_size_per_device")
 
 
 @cli
@@ -65,6 +68,7 @@ def main() -> None:
     pairs, source = load_pairs(cfg, upstream)
     if cfg.lora_config:  # peft would fail in every worker, and Ray Train retry it max_failures times
         check_lora_targets(policy, cfg.lora_config.model_dump(), args.config)
+    held_out = load_valid_pairs(cfg, upstream)  # None: no validation
     out = StageOutput(cfg, STAGE, upstream=source, force=args.force, exclude_from_hash=NOT_HASHED)
     if out.reusable():
         return
@@ -76,7 +80,7 @@ def main() -> None:
 
     init_ray(cfg.ray)
     # Imported once there is work to do: Ray Train after init_ray's environment, torch not at all for a dry run.
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from common.train_loop import train_loop_per_worker
@@ -99,6 +103,16 @@ def main() -> None:
         cache = replace(cache, hit=False)
         shutil.rmtree(cache.tmp, ignore_errors=True)
         train_ds = add_reference_logps(tokenized, cfg, ref, provenance_dir=str(work / "reference_actors"))
+    # Held-out pairs: tokenised the same way, their reference log-probs computed (or read from their own cache)
+    # before training, since they are few; every worker gets all of them (common.validation).
+    datasets, valid_stats, valid_cache = {"train": train_ds}, {}, None
+    if held_out is not None:
+        valid_tok, valid_drops = tokenize_pairs(held_out[0], cfg, policy, where=held_out[1]["dir"])
+        valid_cache = reference_cache(cfg, ref, held_out[1], upstream)
+        datasets["valid"], hit = valid_with_reference(valid_tok, cfg, ref, valid_cache,
+                                                      provenance_dir=str(work / "reference_actors"))
+        valid_stats = {"valid_pairs": datasets["valid"].count(), "valid_dropped": valid_drops,
+                       "valid_reference_cache": hit}
 
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -109,6 +123,7 @@ def main() -> None:
             "metrics_file": str(work / "metrics.jsonl"), "error_file": str(error_file),
             "ref_cache_tmp": None if cache.hit else str(cache.tmp), "provenance_dir": str(work / "trainers"),
             "tracking": track,
+            "has_valid": "valid" in datasets,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.num_devices, use_gpu=cfg.use_gpu,
@@ -118,7 +133,8 @@ def main() -> None:
             storage_path=str(work / "ray"),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=cfg.max_failures)),
-        datasets={"train": train_ds},
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),  # each worker takes its slice of `valid` itself
     )
     same_model = cfg.reference_model_id in (None, cfg.model_id)  # then step 0 must agree
     with follow_training(work / "metrics.jsonl", cfg.preference_tuning_config.step0_tolerance if same_model else None):
@@ -140,22 +156,33 @@ def main() -> None:
     plot_training_curves(out.path("metrics.jsonl"), out.path("training_curves.png"))
     tokenized.select_columns([S.PAIR_ID]).write_parquet(str(out.data))  # which pairs were trained on
     stats = {"pairs_in": len(pairs), "pairs_trained": num_pairs, "dropped": drops,
-             "reference_cache": "hit" if cache.hit else "computed", **result.stats}
+             "reference_cache": "hit" if cache.hit else "computed", **valid_stats, **result.stats}
     manifest = out.commit(
         rows={"pairs_trained": num_pairs}, stats=stats,
         model=str(out.final / "model"), adapter=str(out.final / "adapter") if cfg.lora_config else None,
         metrics_file=str(out.final / "metrics.jsonl"), curves=str(out.final / "training_curves.png"),
-        reference_cache=str(cache.path), report_to=track["trackers"])
+        reference_cache=str(cache.path), report_to=track["trackers"],
+        valid_reference_cache=str(valid_cache.path) if valid_cache else None)
     shutil.rmtree(work, ignore_errors=True)  # the output is complete: its checkpoints are no longer needed
     f = stats["final_metrics"]
     print(f"[{STAGE}] trained on {num_pairs} pairs ({sum(drops.values())} dropped: {drops}) for "
           f"{cfg.num_epochs} epoch(s), {f.get('step')} steps: final loss {f.get('loss', float('nan')):.4f}, "
           f"reward accuracy {f.get('rewards/accuracies', float('nan')):.2f}, margin "
           f"{f.get('rewards/margins', float('nan')):+.3f}; reference log-probs {stats['reference_cache']}; "
-          f"trainer waited {stats['ref_wait_seconds']:.1f}s for reference data in total. "
+          f"trainer waited {stats['ref_wait_seconds']:.1f}s for reference data in total. {eval_summary(stats)}"
           f"Model: {manifest['model']}", flush=True)
     for line in describe(track, out.final):
         print(f"[{STAGE}] {line}", flush=True)
+
+
+def eval_summary(stats: dict) -> str:
+    """The held-out loss at the first and last evaluation, for the closing line ("" without validation)."""
+    first, last = stats["first_eval"], stats["final_eval"]
+    if not last:
+        return ""
+    return (f"Eval on {last['eval/num_pairs']} held-out pairs: loss {first['eval/loss']:.4f} at step "
+            f"{first['step']} -> {last['eval/loss']:.4f} at step {last['step']}, reward accuracy "
+            f"{last['eval/rewards/accuracies']:.2f}. ")
 
 
 if __name__ == "__main__":

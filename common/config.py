@@ -249,6 +249,9 @@ class PairingConfig(Base):
     # faithful wins. None = Anyscale's rule (the shorter wins whatever its score).
     max_score_drop: Optional[float] = Field(default=None, ge=0)
     max_pairs_per_prompt: int = Field(default=3, gt=0)
+    # Share of prompts whose pairs are held out for stage 3's validation (all of a prompt's pairs on one side, so
+    # the eval loss measures prompts the policy never trained on); 0 = none.
+    valid_fraction: float = Field(default=0.0, ge=0, lt=0.5)
 
 
 class JudgeStageConfig(StageBase):
@@ -509,6 +512,11 @@ class DPOStageConfig(StageBase):
                              f"context_length gives the same loss, padded tokens are masked, at more compute); "
                              f"use padding: longest")
         return v
+    # Validation during training: held-out pairs (valid_path, else stage 2's pairing.valid_fraction share) are
+    # scored without an update at step 0, every eval_steps optimizer steps and at the end (TRL's eval/* metrics).
+    valid_path: Optional[str] = Field(default=None, min_length=1)  # LLMForge key: your own TRL-format pairs
+    eval_batch_size_per_device: int = Field(default=4, gt=0)  # LLMForge key: pairs per eval forward per worker
+    eval_steps: Optional[int] = Field(default=None, ge=0)  # TRL's name; null or 0 = at step 0 and the end only
 
     @model_validator(mode="after")
     def _llmforge_compat(self):

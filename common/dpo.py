@@ -111,12 +111,33 @@ def load_pairs(cfg: DPOStageConfig, upstream: dict | None) -> tuple[list[dict], 
         df = read_table(path, "train_path")
         source = {"dir": cfg.train_path, "fingerprint": fingerprint(path)}
         where = cfg.train_path
+    return _rows(df, where, cfg.seed, "nothing to train on (rerun 02_judge with looser pairing rules)"), source
+
+
+def load_valid_pairs(cfg: DPOStageConfig, upstream: dict | None) -> tuple[list[dict], dict] | None:
+    """The held-out pairs and their identity: `valid_path`, else the share stage 2 held out
+    (`pairing.valid_fraction`); None when there are neither (no validation)."""
+    if cfg.valid_path:
+        path, where = resolve(cfg.valid_path), cfg.valid_path
+        if not path.exists():
+            raise UserError(f"valid_path {cfg.valid_path} not found; give a jsonl/parquet of prompt/chosen/rejected")
+        df = read_table(path, "valid_path")
+    elif upstream is not None and upstream.get("valid_pairs"):
+        path = where = Path(upstream["valid_pairs"])
+        df = pd.read_parquet(path)
+    else:
+        return None
+    rows = _rows(df, str(where), cfg.seed, "nothing to validate on (set valid_path: null to train without it)")
+    return rows, {"dir": str(where), "fingerprint": fingerprint(path)}
+
+
+def _rows(df: pd.DataFrame, where: str, seed: int, if_empty: str) -> list[dict]:
     missing = [c for c in (S.PROMPT, S.CHOSEN, S.REJECTED) if c not in df.columns]
     if missing:
         raise UserError(f"{where}: preference pairs need columns prompt, chosen, rejected (TRL format); missing "
                         f"{missing}, found {list(df.columns)}")
     if df.empty:
-        raise UserError(f"{where}: no pairs; nothing to train on (rerun 02_judge with looser pairing rules)")
+        raise UserError(f"{where}: no pairs; {if_empty}")
     rows = []
     for rec in df.to_dict("records"):
         prompt = _as_messages(rec[S.PROMPT], "user")
@@ -126,8 +147,8 @@ def load_pairs(cfg: DPOStageConfig, upstream: dict | None) -> tuple[list[dict], 
         rows.append({S.PAIR_ID: str(pid), S.PROMPT: prompt, S.CHOSEN: chosen, S.REJECTED: rejected})
     check_pairs(rows, cfg, where)
     # One fixed shuffle: pairs of one prompt sit together in stage 2's output.
-    random.Random(cfg.seed).shuffle(rows)
-    return rows, source
+    random.Random(seed).shuffle(rows)
+    return rows
 
 
 def check_pairs(rows: list[dict], cfg: DPOStageConfig, where: str) -> None:
@@ -258,6 +279,25 @@ def write_reference_cache(cache: ReferenceCache, num_pairs: int) -> None:
     shutil.rmtree(cache.tmp, ignore_errors=True)
 
 
+def valid_with_reference(tokenized, cfg: DPOStageConfig, ref_path: str, cache: ReferenceCache,
+                         provenance_dir: str):
+    """The held-out pairs with their reference log-probs, materialised before training: from the cache, else one
+    pass through a reference actor pool like the training pairs' (the same actor class, model and resources),
+    cached the same way. Returns (dataset, "hit" | "computed")."""
+    from common.reference import add_reference_logps
+
+    ds = with_cached_logps(tokenized, cache) if cache.hit else None
+    if ds is not None:
+        return ds.materialize(), "hit"
+    ds = add_reference_logps(tokenized, cfg, ref_path, provenance_dir=provenance_dir).materialize()
+    df = ds.select_columns([S.PAIR_ID, S.REF_CHOSEN_LOGPS, S.REF_REJECTED_LOGPS]).to_pandas()
+    cache.path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.path.with_suffix(".tmp")
+    df.to_parquet(tmp)
+    os.replace(tmp, cache.path)
+    return ds, "computed"
+
+
 @dataclass(frozen=True)
 class TrainResult:
     """What one TorchTrainer run left behind: the final checkpoint (`model/`, `adapter/`), the rank-0 metrics log
@@ -277,7 +317,9 @@ def _provenance(folder: Path) -> list[dict]:
 def read_train_result(work: Path, final_dir: Path, num_pairs: int, logging_steps: int) -> TrainResult:
     """Summarise a finished run from its metrics log and the reference actors' provenance files in `work`."""
     metrics_file = work / "metrics.jsonl"
-    metrics = [json.loads(line) for line in open(metrics_file)] if metrics_file.exists() else []
+    rows = [json.loads(line) for line in open(metrics_file)] if metrics_file.exists() else []
+    metrics = [m for m in rows if "eval/loss" not in m]  # training steps; evaluations (common.validation) apart
+    evals = [m for m in rows if "eval/loss" in m]
     trainers = _provenance(work / "trainers")
     stats = {
         "steps": metrics[-1]["step"] if metrics else 0,
@@ -292,5 +334,8 @@ def read_train_result(work: Path, final_dir: Path, num_pairs: int, logging_steps
         "trainer_pids": sorted(t["pid"] for t in trainers),  # every rank's process (a restarted one adds one)
         "trainers": trainers,
         "trainer_node_ids": sorted({t["node_id"] for t in trainers}),
+        "evaluations": len(evals),
+        "first_eval": evals[0] if evals else {},
+        "final_eval": evals[-1] if evals else {},
     }
     return TrainResult(final_dir=final_dir, metrics_file=metrics_file, num_pairs=num_pairs, stats=stats)

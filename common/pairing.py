@@ -173,3 +173,15 @@ def summarize(values: Iterable[float]) -> dict[str, float]:
     s = sorted(v)
     return {"mean": round(sum(v) / len(v), 4), "min": round(s[0], 4), "median": round(s[len(s) // 2], 4),
             "max": round(s[-1], 4)}
+
+
+def split_valid(pairs: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, valid): the pairs of `fraction` of the prompts held out for validation, chosen by a hash of (seed,
+    prompt id), so the split is deterministic, independent of row order, and a prompt's pairs are all on one side.
+    A non-zero fraction holds out at least one prompt and always leaves one to train on."""
+    prompts = sorted({p[S.PROMPT_ID] for p in pairs})
+    if fraction <= 0 or len(prompts) < 2:
+        return list(pairs), []
+    k = min(len(prompts) - 1, max(1, round(fraction * len(prompts))))
+    held = set(sorted(prompts, key=lambda pid: _tiebreak(seed, "valid", pid))[:k])
+    return [p for p in pairs if p[S.PROMPT_ID] not in held], [p for p in pairs if p[S.PROMPT_ID] in held]

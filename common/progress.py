@@ -24,6 +24,12 @@ def step_line(m: dict) -> str:
             f"lr {m['lr']:.2e} tok/s {m['tokens_per_second_per_worker']:.0f} ref-wait {m['ref_wait_seconds']:.1f}s")
 
 
+def eval_line(m: dict) -> str:
+    """One evaluation on the held-out pairs (a metrics.jsonl record with `eval/loss`, common.validation)."""
+    return (f"[{STAGE}] eval at step {m['step']}: loss {m['eval/loss']:.4f} acc {m['eval/rewards/accuracies']:.2f} "
+            f"margin {m['eval/rewards/margins']:+.4f} on {m.get('eval/num_pairs', '?')} held-out pairs")
+
+
 def notes(m: dict, tolerance: float | None) -> list[str]:
     """What rank 0 recorded in this record besides the metrics: a resume, the step-0 check (policy and reference
     must agree before the first update). `tolerance`: warn above it (None when the reference is another model)."""
@@ -62,6 +68,12 @@ class _Follower:
                 self.show(json.loads(line))
 
     def show(self, m: dict) -> None:
+        if "eval/loss" in m:  # an evaluation, not a training step: one line, the bar (if any) stays
+            if self.bar is not None:
+                self.bar.write(eval_line(m))
+            else:
+                print(eval_line(m), flush=True)
+            return
         lines = notes(m, self.tolerance)
         if not interactive():
             for line in [*lines, step_line(m)]:

@@ -32,6 +32,7 @@ from common.dpo_loss import dpo_loss, dpo_metrics, model_logps, supports_logits_
 from common.progress import step_line
 from common.reference import record_provenance
 from common.tokenize import collate_pairs
+from common.validation import Validation
 
 BATCH_COLUMNS = [S.PROMPT_IDS, S.CHOSEN_IDS, S.REJECTED_IDS, S.REF_CHOSEN_LOGPS, S.REF_REJECTED_LOGPS, S.PAIR_ID,
                  S.REF_PID]
@@ -92,7 +93,8 @@ class StepOutput:
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's entry point. `config`: the stage config (`cfg`, as JSON), `num_pairs`, `metrics_file`,
     `error_file` (where rank 0 explains a stop the driver must not retry) and `ref_cache_tmp` (where each worker
-    leaves its share of the reference log-probs for the cache; None when they came from the cache)."""
+    leaves its share of the reference log-probs for the cache; None when they came from the cache) and `has_valid`
+    (a `valid` dataset of held-out pairs is there: common.validation)."""
     import ray.train
 
     cfg = DPOStageConfig.model_validate(config["cfg"])
@@ -103,11 +105,15 @@ def train_loop_per_worker(config: dict) -> None:
         tracking.start(config.get("tracking"), config["cfg"])
     if ray.train.get_checkpoint():  # the driver shows the resume from the first record (common.progress)
         log.notes["resumed_from_step"] = run.progress.global_step
+    valid = Validation(cfg, ray.train.get_dataset_shard("valid") if config.get("has_valid") else None, run.rank,
+                       run.world, Path(config["metrics_file"]))
+    if run.progress.global_step == 0:  # before any update: eval/loss = ln 2
+        valid.evaluate(run, epoch=0)
     last: dict = {"step": run.progress.global_step}
     for epoch in range(run.progress.epoch, cfg.num_epochs):
         complete_pass = not run.progress.done_ids  # a resumed epoch sees only part of the shard
         try:
-            last = train_epoch(run, feed, log, epoch) or last
+            last = train_epoch(run, feed, log, epoch, valid) or last
         except NonFiniteLoss as e:
             if run.rank == 0:  # the driver turns this into one line and exit 2 (no retries: it would recur)
                 Path(config["error_file"]).write_text(str(e))
@@ -116,14 +122,16 @@ def train_loop_per_worker(config: dict) -> None:
         kept = feed.end_epoch(complete_pass)
         if kept is not None and config.get("ref_cache_tmp"):
             _write_ref_cache(kept, Path(config["ref_cache_tmp"]), run.rank)
+        if epoch + 1 == cfg.num_epochs:  # after the last step, unless eval_steps just did
+            valid.evaluate(run, epoch)
         run.progress = Progress(epoch=epoch + 1, global_step=run.progress.global_step)
         report(run, last, merged=epoch + 1 == cfg.num_epochs)
     tracking.finish()
 
 
-def train_epoch(run: Run, feed: Feed, log: MetricsLog, epoch: int) -> dict | None:
+def train_epoch(run: Run, feed: Feed, log: MetricsLog, epoch: int, valid: Validation) -> dict | None:
     """One epoch (or what a resumed one has left): the metrics of its last logged step, None if it logged none.
-    Raises NonFiniteLoss."""
+    Evaluates on the held-out pairs every `eval_steps` steps. Raises NonFiniteLoss."""
     ga, p = run.cfg.gradient_accumulation_steps, run.progress
     last, micro, filler = None, 0, None
     for rows in in_lockstep(run, feed.batches(epoch, skip=set(p.done_ids), log=log)):
@@ -143,8 +151,10 @@ def train_epoch(run: Run, feed: Feed, log: MetricsLog, epoch: int) -> dict | Non
         log.tokens += out.tokens
         if micro % ga == 0:
             last = optimizer_step(run, log, out, epoch) or last
+            valid.after_step(run, epoch)
     if micro % ga:  # a last, partial accumulation: its gradients belong to this epoch's last step
         last = optimizer_step(run, log, out, epoch) or last
+        valid.after_step(run, epoch)
     return last
 
 

@@ -24,8 +24,8 @@ CONFIG = REPO / "configs/quickstart/03_dpo_train.yaml"
 SCRIPT = "03_dpo_train/train.py"
 
 
-def write_pairs(path: Path, n: int, **overrides) -> Path:
-    rows = [json.loads(line) for line in open(REPO / "data/aclsum/test.jsonl")][:n]
+def write_pairs(path: Path, n: int, start: int = 0, **overrides) -> Path:
+    rows = [json.loads(line) for line in open(REPO / "data/aclsum/test.jsonl")][start:start + n]
     with open(path, "w") as f:
         for r in rows:
             pair = {"prompt": [{"role": "user", "content": "Summarize in one sentence.\n\n" + r["summary"]}],
@@ -38,24 +38,34 @@ def manifest(out: Path) -> dict:
     return read_manifest(out / "03_dpo_train", "03_dpo_train")  # its paths resolved (written relative to out)
 
 
-# Reference batch (3 pairs) != trainer batch (4 pairs), as in the quickstart (4 vs 2).
+def metric_rows(out: Path) -> tuple[list[dict], list[dict]]:
+    """metrics.jsonl as (training steps, evaluations on the held-out pairs)."""
+    rows = [json.loads(line) for line in open(out / "03_dpo_train" / "metrics.jsonl")]
+    return [r for r in rows if "eval/loss" not in r], [r for r in rows if "eval/loss" in r]
+
+
+# Reference batch (3 pairs) != trainer batch (4 pairs), as in the quickstart (4 vs 2). Eval batch 3: two forwards
+# for the 4 held-out pairs, one of them partial.
 TRAINED_SETS = ["num_epochs=4", "learning_rate=1e-3", "warmup_steps=0", "lr_scheduler_type=constant",
                 "train_batch_size_per_device=4",
-                "preference_tuning_config.logprob_processor_scaling_config.batch_size=3"]
+                "preference_tuning_config.logprob_processor_scaling_config.batch_size=3",
+                "eval_steps=2", "eval_batch_size_per_device=3"]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Overfit 4 fixed pairs (a fifth, chosen == rejected, is dropped) for 4 epochs (one batch a step): loss must
-    fall, accuracy rise. The reference actor scores 3 pairs per call, the trainer 4: step 0 must agree all the same."""
+    fall, accuracy rise. The reference actor scores 3 pairs per call, the trainer 4: step 0 must agree all the same.
+    4 other pairs (other abstracts) are held out with `valid_path` and evaluated at steps 0, 2 and 4."""
     tmp = tmp_path_factory.mktemp("dpo")
     pairs = write_pairs(tmp / "pairs.jsonl", 4)
     with open(pairs, "a") as f:  # chosen == rejected: nothing to learn, dropped and counted
         f.write(json.dumps({"prompt": "Say it.", "chosen": "The same.", "rejected": "The same."}) + "\n")
-    proc = run_stage(SCRIPT, CONFIG, f"train_path={pairs}", f"output_dir={tmp}", *TRAINED_SETS,
-                     "report_to=[tensorboard, mlflow]")
+    valid = write_pairs(tmp / "valid.jsonl", 4, start=4)
+    proc = run_stage(SCRIPT, CONFIG, f"train_path={pairs}", f"output_dir={tmp}", f"valid_path={valid}",
+                     *TRAINED_SETS, "report_to=[tensorboard, mlflow]")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp, pairs, proc
+    return tmp, pairs, proc, valid
 
 
 def test_a_pair_with_chosen_equal_to_rejected_is_dropped_and_counted(trained):
@@ -72,7 +82,7 @@ def test_step0_is_ln2_and_policy_matches_reference(trained):
 
 
 def test_overfitting_a_fixed_batch_lowers_loss_and_raises_accuracy(trained):
-    rows = [json.loads(line) for line in open(trained[0] / "03_dpo_train" / "metrics.jsonl")]
+    rows = metric_rows(trained[0])[0]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.05
     assert rows[-1]["rewards/accuracies"] >= 0.75 > rows[0]["rewards/accuracies"]
@@ -92,7 +102,7 @@ def test_tensorboard_and_mlflow_runs_hold_the_metrics_jsonl(trained, monkeypatch
 def test_trainer_takes_the_reference_core_once_the_pass_is_over(trained):
     """The quickstart's `cpu_threads_after_reference: 2`: step 1 trains beside the reference actor on one thread;
     epochs 2-4 reuse the first epoch's reference log-probs, so no pool runs and the trainer takes both cores."""
-    rows = [json.loads(line) for line in open(trained[0] / "03_dpo_train" / "metrics.jsonl")]
+    rows = metric_rows(trained[0])[0]
     assert [r["torch_threads"] for r in rows] == [1, 2, 2, 2]
 
 
@@ -135,16 +145,51 @@ def test_checkpoint_loads_in_vllm(trained):
     assert "VLLM_OK" in proc.stdout, proc.stderr[-2000:]
 
 
+def test_eval_loss_at_step_0_is_ln2_on_held_out_pairs(trained):
+    """Before any update the policy is the reference on pairs it never trains on too; after 4 steps of overfitting
+    other pairs, the held-out loss has moved."""
+    m = manifest(trained[0])["stats"]
+    first, last = m["first_eval"], m["final_eval"]
+    assert first["step"] == 0 and first["eval/num_pairs"] == 4 == m["valid_pairs"]
+    assert math.isclose(first["eval/loss"], math.log(2), abs_tol=1e-3)
+    assert first["eval/rewards/margins"] == pytest.approx(0, abs=1e-2)
+    assert last["eval/loss"] != pytest.approx(first["eval/loss"], abs=1e-4)
+    assert "eval at step 0: loss 0.693" in trained[2].stdout and "Eval on 4 held-out pairs" in trained[2].stdout
+
+
+def test_eval_rows_every_eval_steps_and_at_the_end(trained):
+    train, evals = metric_rows(trained[0])
+    assert [r["step"] for r in evals] == [0, 2, 4] and train[-1]["step"] == 4
+    for r in evals:
+        assert {"eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/rewards/chosen",
+                "eval/rewards/rejected"} <= set(r)
+        assert "loss" not in r  # TRL's names: an eval row never passes for a training step
+
+
+def test_held_out_reference_logps_come_from_the_pool_and_are_cached(trained):
+    m = manifest(trained[0])
+    actors = {a["pid"] for a in m["stats"]["reference_actors"]}
+    assert m["stats"]["valid_reference_cache"] == "computed"
+    pids = m["stats"]["first_eval"]["eval/ref_pids"]
+    assert pids and set(pids) <= actors  # a reference actor of this run, not the cache (-1)
+    cache = pd.read_parquet(m["valid_reference_cache"])
+    assert len(cache) == 4 and cache["pair_id"].is_unique
+    assert m["valid_reference_cache"] != m["reference_cache"]
+
+
 def test_rerun_reuses_output_then_the_reference_cache(trained):
-    tmp, pairs, _ = trained
-    sets = [f"train_path={pairs}", f"output_dir={tmp}", *TRAINED_SETS]
+    tmp, pairs, _, valid = trained
+    sets = [f"train_path={pairs}", f"output_dir={tmp}", f"valid_path={valid}", *TRAINED_SETS]
     again = run_stage(SCRIPT, CONFIG, *sets)
     assert again.returncode == 0 and "reusing the complete output" in again.stdout
-    forced = run_stage(SCRIPT, CONFIG, *sets[:2], "num_epochs=1", "train_batch_size_per_device=4", force=True)
+    forced = run_stage(SCRIPT, CONFIG, *sets[:3], "num_epochs=1", "train_batch_size_per_device=4", force=True)
     assert forced.returncode == 0, forced.stderr[-3000:]
     m = manifest(tmp)["stats"]
     assert m["reference_cache"] == "hit" and m["reference_actors"] == []  # no reference pool at all
     assert math.isclose(m["first_metrics"]["loss"], math.log(2), abs_tol=1e-3)  # cached logps match the policy
+    # the held-out pairs too: from their cache, at step 0 and at the end (step 1)
+    assert m["valid_reference_cache"] == "hit" and m["first_eval"]["eval/ref_pids"] == [-1]
+    assert math.isclose(m["first_eval"]["eval/loss"], math.log(2), abs_tol=1e-3) and m["final_eval"]["step"] == 1
 
 
 def test_killed_reference_actor_is_replaced_and_every_pair_seen_once(tmp_path):

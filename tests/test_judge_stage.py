@@ -69,7 +69,10 @@ def test_manifest_stats_and_side_files(judged):
     assert m["stage"] == "02_judge" and m["status"] == "complete"
     st = m["stats"]
     assert st["candidates"] == 12 and st["candidates_scored"] + st["unparseable"] == 12
-    assert st["pairs"] == m["rows"]["pairs"] == len(pd.read_parquet(out / "data"))
+    assert m["rows"]["pairs"] == len(pd.read_parquet(out / "data"))
+    # the quickstart holds out a share of prompts for stage 3's validation (pairing.valid_fraction)
+    valid = pd.read_parquet(out.parent / m["valid_pairs"])  # written relative to output_dir
+    assert st["pairs"] == m["rows"]["pairs"] + m["rows"]["valid_pairs"] and len(valid) == m["rows"]["valid_pairs"]
     assert set(st["filtered_by_reason"]) <= {"empty", "too_short", "too_long", "invalid_chars", "duplicate"}
     assert st["pairs_by_rule"]["quality"] + st["pairs_by_rule"]["length"] == st["pairs"]
     for key in ("ties_dropped", "pairs_per_prompt_mean", "pairs_per_prompt_max", "prompts_with_pairs", "score"):

@@ -71,8 +71,15 @@ def test_counts_agree_from_stage_to_stage(chain):
     assert st["pairs_in"] == len(pairs) and st["pairs_trained"] + sum(st["dropped"].values()) == len(pairs)
     trained = pd.read_parquet(chain / "03_dpo_train" / "data")
     assert len(trained) == st["pairs_trained"] and set(trained[S.PAIR_ID]) <= set(pairs[S.PAIR_ID])
-    steps = [json.loads(line)["step"] for line in open(chain / "03_dpo_train" / "metrics.jsonl")]
+    rows = [json.loads(line) for line in open(chain / "03_dpo_train" / "metrics.jsonl")]
+    steps = [r["step"] for r in rows if "eval/loss" not in r]
     assert steps == list(range(1, math.ceil(st["pairs_trained"] / BATCH) + 1)) and st["steps"] == steps[-1]
+    # the quickstart holds out a share of prompts (pairing.valid_fraction): never trained on, evaluated instead
+    valid = pd.read_parquet(judge["valid_pairs"])
+    assert len(valid) == judge["rows"]["valid_pairs"] >= 1 and not set(valid[S.PROMPT_ID]) & set(pairs[S.PROMPT_ID])
+    evals = [r for r in rows if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [0, steps[-1]] and evals[0]["eval/num_pairs"] == st["valid_pairs"]
+    assert math.isclose(evals[0]["eval/loss"], math.log(2), abs_tol=1e-3)
 
 
 def test_reference_cache_is_written_beside_the_pairs(chain):
