@@ -111,7 +111,10 @@ def load_pairs(cfg: DPOStageConfig, upstream: dict | None) -> tuple[list[dict], 
         df = read_table(path, "train_path")
         source = {"dir": cfg.train_path, "fingerprint": fingerprint(path)}
         where = cfg.train_path
-    return _rows(df, where, cfg.seed, "nothing to train on (rerun 02_judge with looser pairing rules)"), source
+    rows = _rows(df, where, "nothing to train on (rerun 02_judge with looser pairing rules)")
+    check_pairs(rows, cfg, where)
+    random.Random(cfg.seed).shuffle(rows)  # one fixed shuffle: pairs of one prompt sit together in stage 2's output
+    return rows, source
 
 
 def load_valid_pairs(cfg: DPOStageConfig, upstream: dict | None) -> tuple[list[dict], dict] | None:
@@ -127,11 +130,12 @@ def load_valid_pairs(cfg: DPOStageConfig, upstream: dict | None) -> tuple[list[d
         df = pd.read_parquet(path)
     else:
         return None
-    rows = _rows(df, str(where), cfg.seed, "nothing to validate on (set valid_path: null to train without it)")
+    rows = _rows(df, str(where), "nothing to validate on (set valid_path: null to train without it)")
+    check_unique_ids(rows, str(where))
     return rows, {"dir": str(where), "fingerprint": fingerprint(path)}
 
 
-def _rows(df: pd.DataFrame, where: str, seed: int, if_empty: str) -> list[dict]:
+def _rows(df: pd.DataFrame, where: str, if_empty: str) -> list[dict]:
     missing = [c for c in (S.PROMPT, S.CHOSEN, S.REJECTED) if c not in df.columns]
     if missing:
         raise UserError(f"{where}: preference pairs need columns prompt, chosen, rejected (TRL format); missing "
@@ -145,27 +149,29 @@ def _rows(df: pd.DataFrame, where: str, seed: int, if_empty: str) -> list[dict]:
         pid = rec.get(S.PAIR_ID) or hashlib.sha1(
             json.dumps([prompt, chosen, rejected], sort_keys=True).encode()).hexdigest()[:16]
         rows.append({S.PAIR_ID: str(pid), S.PROMPT: prompt, S.CHOSEN: chosen, S.REJECTED: rejected})
-    check_pairs(rows, cfg, where)
-    # One fixed shuffle: pairs of one prompt sit together in stage 2's output.
-    random.Random(seed).shuffle(rows)
     return rows
 
 
 def check_pairs(rows: list[dict], cfg: DPOStageConfig, where: str) -> None:
     """Before Ray starts: pair ids unique, and enough pairs whose chosen and rejected differ to train at all
     (identical pairs are dropped by the tokeniser and counted; this only refuses a run that would keep none)."""
-    first: dict[str, int] = {}
-    for i, r in enumerate(rows):
-        j = first.setdefault(r[S.PAIR_ID], i)
-        if j != i:
-            raise UserError(f"{where}: pair id '{r[S.PAIR_ID]}' appears twice (rows {j + 1} and {i + 1}); pair ids "
-                            f"must be unique: remove the repeated pair or give it its own {S.PAIR_ID}")
+    check_unique_ids(rows, where)
     identical = sum(response_text(r[S.CHOSEN]) == response_text(r[S.REJECTED]) for r in rows)
     if identical == len(rows):
         raise UserError(f"{where}: all {len(rows)} pairs have chosen identical to rejected, so DPO has nothing to "
                         f"learn from; check how the pairs were made (chosen must be the preferred, different answer)")
     check_enough_pairs(len(rows) - identical, cfg, where, f" ({identical} with chosen identical to rejected dropped)"
                        if identical else "")
+
+
+def check_unique_ids(rows: list[dict], where: str) -> None:
+    """In the file's row order: the reference cache joins by pair id, one to one."""
+    first: dict[str, int] = {}
+    for i, r in enumerate(rows):
+        j = first.setdefault(r[S.PAIR_ID], i)
+        if j != i:
+            raise UserError(f"{where}: pair id '{r[S.PAIR_ID]}' appears twice (rows {j + 1} and {i + 1}); pair ids "
+                            f"must be unique: remove the repeated pair or give it its own {S.PAIR_ID}")
 
 
 def check_enough_pairs(num_pairs: int, cfg: DPOStageConfig, where: str, note: str = "") -> None:
