@@ -136,7 +136,7 @@ def train_epoch(run: Run, feed: Feed, log: MetricsLog, epoch: int, valid: Valida
     last, micro, filler = None, 0, None
     for rows in in_lockstep(run, feed.batches(epoch, skip=set(p.done_ids), log=log)):
         if rows is None:  # this worker's share ran out first: it steps along, adding nothing
-            out = forward_loss(run, filler)
+            out = forward_loss(run, filler or feed.skipped[:1])  # a share all trained before: a skipped row
             out.loss = out.loss * 0.0
         else:
             filler = rows
@@ -227,6 +227,7 @@ class Feed:
         self.ref_done = threading.Event()  # set once this worker has received every reference log-prob it needs
         self.kept: list[dict] | None = None  # this worker's rows of a complete first pass
         self.seen: list[dict] = []  # this epoch's rows, while streaming
+        self.skipped: list[dict] = []  # a row a resumed epoch skipped: what an idle worker steps along with
 
     def batches(self, epoch: int, skip: set[str], log: MetricsLog) -> Iterator[list[dict]]:
         """Batches of `train_batch_size_per_device` pairs. `skip`: pairs this epoch already trained on before a
@@ -235,7 +236,7 @@ class Feed:
         while True:
             self._use_free_cores()
             t_wait = time.time()
-            batch = _next_batch(rows, bs, skip)
+            batch = _next_batch(rows, bs, skip, self.skipped)
             log.ref_wait += time.time() - t_wait  # time blocked on the reference pool
             if not batch:
                 return
@@ -291,11 +292,15 @@ def _workers_with_a_batch(run: Run, have: bool) -> int:
     return int(flag.item())
 
 
-def _next_batch(rows: Iterator[dict], bs: int, skip: set[str]) -> list[dict]:
-    """The next `bs` rows not in `skip`; fewer only at the end of the epoch, none after it."""
+def _next_batch(rows: Iterator[dict], bs: int, skip: set[str], skipped: list[dict]) -> list[dict]:
+    """The next `bs` rows not in `skip`; fewer only at the end of the epoch, none after it. The first skipped row is
+    kept in `skipped`."""
     batch: list[dict] = []
     for r in rows:
-        if str(r[S.PAIR_ID]) not in skip:
+        if str(r[S.PAIR_ID]) in skip:
+            if not skipped:
+                skipped.append(r)
+        else:
             batch.append(r)
             if len(batch) == bs:
                 break
