@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import schema as S  # noqa: E402
 from common.data import num_blocks  # noqa: E402
 from common.errors import UserError, cli  # noqa: E402
-from common.filters import filter_reasons  # noqa: E402
+from common.filters import filter_reasons, filter_warnings  # noqa: E402
 from common.io import StageOutput, read_manifest  # noqa: E402
 from common.judges import build_judge, error_counts, num_words, parse_details, score_range  # noqa: E402
 from common.pairing import check_threshold, make_pairs, pairable, split_valid, summarize  # noqa: E402
@@ -58,6 +58,8 @@ def main() -> None:
     n = table.num_rows
     reasons = filter_reasons(table.select([S.PROMPT_ID, S.RESPONSE]).to_pandas(), cfg.filters)
     filtered = dict(Counter(r for r in reasons if r))
+    for warning in filter_warnings(filtered, n):  # a filter made for the quickstart can eat another task's answers
+        print(f"[{STAGE}] {warning}", flush=True)
     kept = table.filter(pa.array([not r for r in reasons]))
     if not pairable(kept.column(S.PROMPT_ID).to_pylist(), kept.column(S.RESPONSE).to_pylist()):
         raise UserError(f"{args.config}: 0 pairs possible: the filters removed {sum(filtered.values())} of {n} "

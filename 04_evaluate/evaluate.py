@@ -10,7 +10,9 @@ Reads the final model from stage 3's manifest (`dpo_dir`) and the judge, filters
 time on the same Ray), takes `others` given as a jsonl of outputs as they are, scores every response with the judge,
 decides each prompt's DPO-vs-baseline match with the pairing rule (common.report), and writes
 `<output_dir>/04_evaluate/`: report.md (the table, the bar, side-by-side examples), metrics.json, PNG plots and the
-judged responses (data/).
+judged responses (data/). Beside the training judge, the report carries signals the model never saw (common.report):
+copying of the source, a length-controlled win rate and, when the data has references (`data.columns.reference`),
+ROUGE-L and embedding similarity to them and how often the judge prefers them (they are judged like a model).
 """
 import hashlib
 import json
@@ -141,6 +143,9 @@ def main() -> None:
         if path:
             check_max_model_len(path, cfg.model.max_model_len, f"{args.config}: model '{name}'")
     names = [n for n, _, _ in systems]
+    if report.REFERENCE_SYSTEM in names:
+        raise UserError(f"{args.config}: the name '{report.REFERENCE_SYSTEM}' is the human references' column in the "
+                        f"report; call the model something else")
 
     # Reuse only if nothing it read changed: both manifests, the prompts and every outputs file.
     inputs = [dpo_m["fingerprint"], dpo_m["created"], fingerprint(resolve(cfg.data.path))] + \
@@ -183,6 +188,10 @@ def main() -> None:
         raise UserError(f"{args.config}: no prompt was answered by every model (all too long for one of them?); "
                         f"raise model.max_model_len or lower sampling.max_tokens")
     order = {pid: i for i, pid in enumerate(ids)}  # a prompt's responses side by side: its source is embedded once
+    # The human references are judged as one more "model": how often the judge prefers them is its sanity check.
+    rows += [{S.PROMPT_ID: p[S.PROMPT_ID], S.SOURCE: p[S.SOURCE], S.REFERENCE: p[S.REFERENCE],
+              S.SYSTEM: report.REFERENCE_SYSTEM, S.RESPONSE: p[S.REFERENCE], S.NUM_RESPONSE_TOKENS: -1,
+              S.FINISH_REASON: ""} for p in prompts if p[S.PROMPT_ID] in common and str(p[S.REFERENCE]).strip()]
     rows = sorted((r for r in rows if r[S.PROMPT_ID] in common), key=lambda r: order[r[S.PROMPT_ID]])
 
     out.begin()
@@ -204,15 +213,16 @@ def main() -> None:
         notes.append(f"{len(prompts) - len(common)} prompts not answered by every model are left out everywhere")
     metrics, table = report.assemble(
         out.tmp, df, names, cfg, judge=judge_cfg, filters=filters, pairing=pairing, dpo_manifest=dpo_m,
-        notes=notes, models_used={n: p or "outputs file" for n, p, _ in systems})
+        notes=notes, models_used={n: p or "outputs file" for n, p, _ in systems}, embed=report.embedder(judge_cfg))
     stats = {"prompts": len(common), "prompts_dropped": {"empty_text": empty}, "generate_seconds": gen_seconds,
              "judge_seconds": round(judge_seconds, 1),
              "win_rate": {n: w.get("win_rate") for n, w in metrics["win_rate"].items()}}
-    manifest = out.commit(rows={"responses": len(df)}, stats=stats, judge_dir=judge_m["dir"] if judge_m else None,
+    references = int((df[S.SYSTEM] == report.REFERENCE_SYSTEM).sum())
+    manifest = out.commit(rows={"responses": len(df) - references, "references": references}, stats=stats, judge_dir=judge_m["dir"] if judge_m else None,
                           table=table, targets=metrics["targets"], report=str(out.final / "report.md"),
                           metrics_file=str(out.final / "metrics.json"))
     print(f"\n{table}\n\n{bar(metrics['targets'])}", flush=True)
-    print(f"[{STAGE}] {len(names)} models x {len(common)} prompts judged in {time.time() - t0:.0f}s "
+    print(f"[{STAGE}] {len(names)} models x {len(common)} prompts (+ {references} human references) judged in {time.time() - t0:.0f}s "
           f"({empty} prompts dropped for an empty text). "
           f"Report: {manifest['dir']}/report.md", flush=True)
 

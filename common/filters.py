@@ -51,3 +51,29 @@ def filter_reasons(df: pd.DataFrame, cfg: FilterConfig) -> list[str]:
             seen.add(key)
     return reasons
 
+
+
+# Above this share of a run's candidates removed by one filter, stage 2 warns: a filter built for the quickstart's
+# summaries (no backticks, no underscores) can silently eat most of another task's answers.
+WARN_SHARE = 0.25
+# filter -> the config key that changes it, and what to do
+FILTER_KEYS = {
+    "empty": ("filters.drop_empty", "blank answers: check stage 1's prompt and model"),
+    "too_short": ("filters.min_words", "lower it if short answers are right for your task"),
+    "too_long": ("filters.max_words", "raise it if long answers are right for your task"),
+    "invalid_chars": ("filters.invalid_chars", "its regex forbids characters your answers contain (code, "
+                      "markdown?); narrow it, or \"\" turns it off"),
+    "duplicate": ("filters.drop_duplicates", "candidates of a prompt repeat: raise stage 1's sampling.temperature"),
+}
+
+
+def filter_warnings(removed: dict[str, int], total: int, share: float = WARN_SHARE) -> list[str]:
+    """One warning per filter that removed more than `share` of the `total` candidates ({filter: count})."""
+    out = []
+    for reason, count in removed.items():
+        if total and count / total > share:
+            key, hint = FILTER_KEYS.get(reason, (f"filters ({reason})", ""))
+            out.append(f"warning: the `{reason}` filter removed {count / total:.0%} of the candidates ({count} of "
+                       f"{total}), more than {share:.0%}; change `{key}` in the stage-2 config"
+                       f"{f' ({hint})' if hint else ''}")
+    return out

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import statistics
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -112,3 +112,123 @@ def win_rate(outcomes: Sequence[float], bootstrap_samples: int, seed: int) -> di
         ci_low, ci_high = (float(x) for x in np.percentile(boot, [2.5, 97.5]))
     return {"win_rate": (wins + 0.5 * ties) / n, "wins": wins, "ties": ties, "losses": losses,
             "ci_low": ci_low, "ci_high": ci_high, "n": n}
+
+
+# ---------------------------------------------------------------- signals the training judge did not give
+# A response copies its source when its runs of words are the source's. Four words: single words and pairs are
+# shared by any faithful summary (the paper's technical terms), while a run of four rarely recurs by chance, so
+# 4-gram overlap separates paraphrase from copy (the "novel n-grams" analysis of See et al. 2017 and Grusky et al.
+# 2018, Newsroom, uses fragments of this size).
+COPY_NGRAM = 4
+# Above this share of its 4-grams found in the source, a response counts as a near-verbatim copy: a response that
+# paraphrases even one clause in five stays below it.
+NEAR_VERBATIM = 0.8
+
+
+def _tokens(text: str) -> list[str]:
+    """Lower-cased word tokens, punctuation dropped, so "results." and "Results" are one word."""
+    return re.findall(r"\w+", str(text or "").lower())
+
+
+def _ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def copy_share(responses: Sequence[str], sources: Sequence[str], n: int = COPY_NGRAM,
+               near_verbatim: float = NEAR_VERBATIM) -> dict[str, Any]:
+    """How much of each response is copied from its source, by word n-grams (lower-cased \\w+ tokens).
+
+        copy_i = (n-grams of response_i, with repeats, that occur anywhere in source_i) / (n-grams of response_i)
+        copy_share = mean of copy_i;   share_near_verbatim = share of responses with copy_i > near_verbatim
+
+    A response shorter than n words has no n-gram and is left out of both (counted in copy_too_short); with none
+    left, both are None.
+    """
+    _nonempty("copy_share", responses)
+    if len(responses) != len(sources):
+        raise ValueError(f"copy_share: {len(responses)} responses but {len(sources)} sources")
+    shares = []
+    for r, s in zip(responses, sources):
+        grams = _ngrams(_tokens(r), n)
+        if grams:
+            seen = set(_ngrams(_tokens(s), n))
+            shares.append(sum(g in seen for g in grams) / len(grams))
+    return {"copy_share": float(np.mean(shares)) if shares else None,
+            "share_near_verbatim": float(np.mean([x > near_verbatim for x in shares])) if shares else None,
+            "copy_too_short": len(responses) - len(shares)}
+
+
+def rouge_l(responses: Sequence[str], references: Sequence[str]) -> float:
+    """Mean ROUGE-L F1 of each response against its reference: Google's `rouge_score` package (the implementation
+    behind most published ROUGE numbers and Hugging Face's `rouge` metric), with its Porter stemmer."""
+    from rouge_score import rouge_scorer
+
+    _nonempty("rouge_l", responses)
+    if len(responses) != len(references):
+        raise ValueError(f"rouge_l: {len(responses)} responses but {len(references)} references")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return float(np.mean([scorer.score(ref, r)["rougeL"].fmeasure for r, ref in zip(responses, references)]))
+
+
+def embedding_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean cosine similarity of row i of `a` with row i of `b` (embeddings, e.g. a response and its reference)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 2 or len(a) == 0:
+        raise ValueError(f"embedding_similarity: needs two non-empty (n, d) arrays of one shape, got {a.shape} "
+                         f"and {b.shape}")
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    if (norms == 0).any():
+        raise ValueError("embedding_similarity: a zero embedding has no direction")
+    return float(np.mean(np.einsum("ij,ij->i", a, b) / norms))
+
+
+def _fit_logistic(x: np.ndarray, y: np.ndarray, ridge: float, iters: int = 50) -> np.ndarray:
+    """(a, b) minimising the cross-entropy of y (in [0, 1]; a tie is 0.5) against sigmoid(a + b x), plus
+    ridge/2 (a^2 + b^2) so a perfect separation (every shorter answer won) stays finite. Newton's method."""
+    X = np.stack([np.ones_like(x), x], axis=1)
+    w = np.zeros(2)
+    for _ in range(iters):
+        p = 1 / (1 + np.exp(-(X @ w)))
+        grad = X.T @ (p - y) + ridge * w
+        hess = (X * (p * (1 - p))[:, None]).T @ X + ridge * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return w
+
+
+def length_controlled_win_rate(outcomes: Sequence[float], length_diffs: Sequence[float], bootstrap_samples: int,
+                               seed: int, ridge: float = 1e-2) -> dict[str, Any]:
+    """The win rate the model would have if its answers were as long as the baseline's: a simpler equivalent of
+    AlpacaEval 2's length-controlled win rate (Dubois et al. 2024), which fits a logistic model of the judge's
+    preference with a length term and reports its prediction at zero length difference. Here, per prompt:
+
+        P(win) = sigmoid(a + b * tanh(d / sd(d))),   d = words(model) - words(baseline)
+        lc_win_rate = sigmoid(a)   (the prediction at d = 0)
+
+    with ties counted as 0.5 (as in win_rate), tanh(d / sd) the bounded length feature AlpacaEval 2 uses, and a
+    small ridge keeping (a, b) finite when length alone decides every match. When every d is 0 it is the plain win
+    rate (up to the ridge). The 95% interval: the same prompt bootstrap as win_rate, refitting each resample.
+    """
+    _nonempty("length_controlled_win_rate", outcomes, "outcomes")
+    y, d = np.asarray(outcomes, dtype=np.float64), np.asarray(length_diffs, dtype=np.float64)
+    if y.shape != d.shape:
+        raise ValueError(f"length_controlled_win_rate: {y.size} outcomes but {d.size} length differences")
+    if not np.isin(y, (0.0, 0.5, 1.0)).all() or not np.isfinite(d).all():
+        raise ValueError("length_controlled_win_rate: outcomes must be 1, 0.5 or 0 and length differences finite")
+    if not ridge > 0:
+        raise ValueError(f"length_controlled_win_rate: ridge must be > 0 (a resample may hold one length only), "
+                         f"got {ridge}")
+    sd = float(d.std())
+    x = np.tanh(d / sd) if sd > 0 else np.zeros_like(d)
+
+    def lc(idx):
+        return float(1 / (1 + np.exp(-_fit_logistic(x[idx], y[idx], ridge)[0])))
+
+    rng = np.random.default_rng(seed)
+    boot = [lc(rng.integers(0, y.size, y.size)) for _ in range(int(bootstrap_samples))]
+    ci = [float(v) for v in np.percentile(boot, [2.5, 97.5])] if boot else [None, None]
+    a, b = _fit_logistic(x, y, ridge)
+    return {"lc_win_rate": float(1 / (1 + np.exp(-a))), "ci_low": ci[0], "ci_high": ci[1],
+            "length_coef": float(b), "n": int(y.size)}

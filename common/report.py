@@ -11,6 +11,11 @@ measures exactly what the preference pairs taught:
         otherwise the pairing rule          -> a preferred: win, b preferred: loss, neither: tie
     win_rate = (wins + 0.5 x ties) / n, with a percentile-bootstrap 95% interval over prompts
 
+Beside that training signal, every report carries signals the model was not trained on (common/metrics.py):
+ROUGE-L and embedding similarity against the human references (when the data has them), the share of the
+response copied from the source, a length-controlled win rate, and how often the training judge prefers the human
+reference over each model's answer (the reference is judged as one more "model", REFERENCE_SYSTEM).
+
 Nothing here starts Ray: it is pandas, numpy and matplotlib on a table that fits in memory (one row per response).
 """
 from __future__ import annotations
@@ -29,6 +34,9 @@ from common import schema as S
 from common.config import EvaluateStageConfig, FilterConfig, JudgeConfig, PairingConfig
 from common import metrics as M
 
+
+# The human reference answers, judged like a model's: their rows in the judged table carry this SYSTEM name.
+REFERENCE_SYSTEM = "human_reference"
 
 # judge type -> what its SCORE is, in words (for report.md)
 SCORE_MEANING = {
@@ -70,9 +78,21 @@ def quality_thresholds(judge: JudgeConfig, pairing: PairingConfig) -> list[float
     return [pairing.quality_threshold]
 
 
+def reference_metrics(rows: pd.DataFrame, embed) -> dict[str, Any]:
+    """ROUGE-L and embedding similarity against the human reference, over the rows that have one (None if none)."""
+    has = rows[S.REFERENCE].fillna("").astype(str).str.strip() != "" if S.REFERENCE in rows else []
+    if not len(has) or not has.any():
+        return {"rouge_l": None, "reference_similarity": None, "n_with_reference": 0}
+    responses = rows.loc[has, S.RESPONSE].astype(str).tolist()
+    references = rows.loc[has, S.REFERENCE].astype(str).tolist()
+    sim = M.embedding_similarity(embed(responses), embed(references)) if embed else None
+    return {"rouge_l": M.rouge_l(responses, references), "reference_similarity": sim,
+            "n_with_reference": int(has.sum())}
+
+
 def model_metrics(rows: pd.DataFrame, judge: JudgeConfig, filters: FilterConfig,
-                  pairing: PairingConfig) -> dict[str, Any]:
-    """The metric column of one model (its rows only)."""
+                  pairing: PairingConfig, embed=None) -> dict[str, Any]:
+    """The metric column of one model (its rows only); `embed` maps texts to embeddings (None: no similarity)."""
     responses = rows[S.RESPONSE].astype(str).tolist()
     out: dict[str, Any] = {"n": len(rows)}
     scores = rows[S.SCORE].to_numpy(dtype=np.float64)
@@ -87,13 +107,36 @@ def model_metrics(rows: pd.DataFrame, judge: JudgeConfig, filters: FilterConfig,
     generated = rows[S.FINISH_REASON].astype(str) != ""
     out["share_hit_max_tokens"] = float((rows.loc[generated, S.FINISH_REASON] == "length").mean()) \
         if generated.any() else None
+    out.update(M.copy_share(responses, rows[S.SOURCE].astype(str).tolist()))
+    out.update(reference_metrics(rows, embed))
     return out
 
 
+def length_diffs(df: pd.DataFrame, model: str, baseline: str, ids) -> list[float]:
+    """words(model) - words(baseline), per prompt id in `ids`."""
+    w = df.set_index([S.SYSTEM, S.PROMPT_ID])[S.NUM_WORDS]
+    return [float(w[(model, i)] - w[(baseline, i)]) for i in ids]
+
+
+def judge_prefers_reference(df: pd.DataFrame, model: str, pairing: PairingConfig, bootstrap_samples: int,
+                            seed: int) -> dict[str, Any]:
+    """The training judge's verdict, human reference vs `model`'s answer, by the pairing rule: the reference's
+    win rate, and the share of prompts it is preferred outright (`preferred`). {} without references."""
+    if not (df[S.SYSTEM] == REFERENCE_SYSTEM).any():
+        return {}
+    o = outcomes(df, REFERENCE_SYSTEM, model, pairing).dropna()
+    if not len(o):
+        return {}
+    wr = M.win_rate(o.tolist(), bootstrap_samples, seed)
+    return wr | {"preferred": wr["wins"] / wr["n"]}
+
+
 def compute(df: pd.DataFrame, names: list[str], baseline: str, judge: JudgeConfig, filters: FilterConfig,
-            pairing: PairingConfig, bootstrap_samples: int, seed: int) -> dict[str, Any]:
+            pairing: PairingConfig, bootstrap_samples: int, seed: int, embed=None) -> dict[str, Any]:
     """metrics.json: per-model metrics, and for every model but the baseline its win rate against the baseline."""
-    models = {n: model_metrics(df[df[S.SYSTEM] == n], judge, filters, pairing) for n in names}
+    models = {n: model_metrics(df[df[S.SYSTEM] == n], judge, filters, pairing, embed) for n in names}
+    for n in names:
+        models[n]["judge_vs_reference"] = judge_prefers_reference(df, n, pairing, bootstrap_samples, seed)
     head_to_head = {}
     for n in names:
         if n == baseline:
@@ -104,6 +147,8 @@ def compute(df: pd.DataFrame, names: list[str], baseline: str, judge: JudgeConfi
         wr["unjudged"] = int(o.isna().sum())
         wr["mean_score_delta"] = _delta(models[n], models[baseline], "mean_score")
         wr["mean_words_delta"] = _delta(models[n], models[baseline], "mean_words")
+        wr["length_controlled"] = M.length_controlled_win_rate(
+            valid.tolist(), length_diffs(df, n, baseline, valid.index), bootstrap_samples, seed) if len(valid) else {}
         head_to_head[n] = wr
     return {"baseline": baseline, "models": models, "win_rate": head_to_head}
 
@@ -113,7 +158,8 @@ def _delta(a: dict, b: dict, key: str) -> Optional[float]:
 
 
 def target_check(metrics: dict, model: str, target_win_rate: float, max_score_drop: float) -> list[tuple[str, bool]]:
-    """The project's bar: beats the baseline on the win rate, is shorter, keeps its quality."""
+    """The project's bar: beats the baseline on the win rate, is shorter, keeps its quality; and on the signals it
+    was not trained on, no loss: ROUGE-L against the human references not lower, copy share not higher."""
     wr = metrics["win_rate"].get(model, {})
     base = metrics["baseline"]
     checks = []
@@ -126,6 +172,13 @@ def target_check(metrics: dict, model: str, target_win_rate: float, max_score_dr
     if wr.get("mean_score_delta") is not None:
         checks.append((f"mean judge score drops by at most {max_score_drop:g} (got {wr['mean_score_delta']:+.4f})",
                        wr["mean_score_delta"] >= -max_score_drop))
+    a, b = metrics["models"].get(model, {}), metrics["models"].get(base, {})
+    if a.get("rouge_l") is not None and b.get("rouge_l") is not None:
+        checks.append((f"ROUGE-L vs human not lower than {base} (got {a['rouge_l']:.4f} vs {b['rouge_l']:.4f})",
+                       a["rouge_l"] >= b["rouge_l"]))
+    if a.get("copy_share") is not None and b.get("copy_share") is not None:
+        checks.append((f"copy share not higher than {base} (got {a['copy_share']:.1%} vs {b['copy_share']:.1%})",
+                       a["copy_share"] <= b["copy_share"]))
     return checks
 
 
@@ -172,8 +225,31 @@ def table_rows(metrics: dict, judge: JudgeConfig, filters: FilterConfig, pairing
         row("share with invalid characters", lambda n: _pct(models[n]["share_invalid"])),
         row("share that hit max_tokens", lambda n: _pct(models[n]["share_hit_max_tokens"])),
     ]
+    rows += signal_rows(metrics, names, row)
     if any(models[n]["share_unjudged"] for n in names):
         rows.append(row("share the judge could not score", lambda n: _pct(models[n]["share_unjudged"])))
+    return rows
+
+
+def signal_rows(metrics: dict, names: list[str], row) -> list[list[str]]:
+    """The rows of the signals the model was not trained on (reference rows only when the data has references)."""
+    base, models, wr = metrics["baseline"], metrics["models"], metrics["win_rate"]
+
+    def lc(n):
+        w = (wr.get(n) or {}).get("length_controlled") or {}
+        if w.get("lc_win_rate") is None:
+            return "—"
+        return f"{_pct(w['lc_win_rate'])} [{_pct(w['ci_low'])}, {_pct(w['ci_high'])}]"
+
+    rows = [row(f"win rate vs {base}, length-controlled [95% CI]", lc),
+            row(f"copy share ({M.COPY_NGRAM}-grams found in the source)", lambda n: _pct(models[n]["copy_share"])),
+            row(f"share near-verbatim copies (> {M.NEAR_VERBATIM:.0%} of {M.COPY_NGRAM}-grams)",
+                lambda n: _pct(models[n]["share_near_verbatim"]))]
+    if any(models[n].get("rouge_l") is not None for n in names):
+        rows += [row("ROUGE-L F1 vs human reference", lambda n: _num(models[n]["rouge_l"], 4)),
+                 row("embedding similarity to human reference", lambda n: _num(models[n]["reference_similarity"])),
+                 row("judge prefers human reference over this model",
+                     lambda n: _pct(models[n]["judge_vs_reference"].get("preferred")))]
     return rows
 
 
@@ -252,7 +328,45 @@ def draw_plots(df: pd.DataFrame, names: list[str], metrics: dict, judge: JudgeCo
     return files, [f"stage 3 left no training curves ({curves or 'none named in its manifest'})"]
 
 
+# ---------------------------------------------------------------- which signal trained the model
+def signals(judge: JudgeConfig, rule: str, has_references: bool) -> dict[str, Any]:
+    """In words, for report.md and metrics.json: the signal DPO was trained on, and the ones it never saw."""
+    independent = [f"copy share: {M.COPY_NGRAM}-grams of the response found in the source, and the share of "
+                   f"near-verbatim copies (not part of the judge or the pairing rule)",
+                   "length-controlled win rate: the training judge's verdicts with the length difference factored "
+                   "out (so it still carries the judge's own view, minus the pairing rule's preference for shorter)"]
+    if has_references:
+        independent = ["ROUGE-L F1 against the human reference summaries (rouge_score)",
+                       "embedding similarity (MiniLM) to the human reference summaries"] + independent + [
+            "judge sanity: how often the training judge prefers the human reference over each model's answer "
+            "(the training judge, checked against humans)"]
+    return {"trained_on": f"the `{judge.type}` judge's score with stage 2's pairing rule ({rule}); the win rate, "
+                          f"judge score and share-faithful rows measure how well DPO learned this signal",
+            "not_trained_on": independent}
+
+
+def embedder(judge: JudgeConfig):
+    """texts -> normalised embeddings, with the similarity judge's model and loading code (whatever the judge)."""
+    from common.config import resolve
+    from common.errors import UserError
+    from common.judges.similarity import _Embedder
+
+    path = resolve(judge.similarity.embedder)
+    if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
+        raise UserError(f"judge.similarity.embedder: {judge.similarity.embedder} is not a sentence-transformers "
+                        f"folder; run `bash scripts/setup.sh` to prepare the embedded models")
+    model = _Embedder(str(path), judge.similarity.batch_size).model
+    return lambda texts: model.encode(list(texts), normalize_embeddings=True,
+                                      batch_size=judge.similarity.batch_size, show_progress_bar=False)
+
+
 # ---------------------------------------------------------------- report.md
+def pairing_rule_text(pairing: PairingConfig) -> str:
+    return (f"if either response scores below {pairing.quality_threshold:g}, the higher score wins"
+            f"{f' (by at least {pairing.quality_margin:g})' if pairing.quality_margin else ''}; otherwise the "
+            f"shorter wins when it is at least {pairing.min_length_gap} words shorter; anything else is a tie")
+
+
 def write_report(path: Path, *, metrics: dict, names: list[str], dpo: str, df: pd.DataFrame, judge: JudgeConfig,
                  filters: FilterConfig, pairing: PairingConfig, data_desc: str, decoding: str, num_examples: int,
                  target_win_rate: float, max_score_drop: float, plots: dict[str, str], notes: list[str],
@@ -262,9 +376,7 @@ def write_report(path: Path, *, metrics: dict, names: list[str], dpo: str, df: p
     table = markdown_table(header(names, base), table_rows(metrics, judge, filters, pairing, names))
     meaning = SCORE_MEANING[judge.type].format(num_questions=judge.quiz.num_questions,
                                                scale_max=judge.rubric.scale_max)
-    rule = (f"if either response scores below {pairing.quality_threshold:g}, the higher score wins"
-            f"{f' (by at least {pairing.quality_margin:g})' if pairing.quality_margin else ''}; otherwise the "
-            f"shorter wins when it is at least {pairing.min_length_gap} words shorter; anything else is a tie")
+    rule = pairing_rule_text(pairing)
     rule_name = "stage 2's pairing rule (the rule that built the training pairs)" if from_stage2 else \
         "the pairing rule of this config"
     bounds = "stage 2's filter bounds" if from_stage2 else "the filter bounds"
@@ -281,6 +393,12 @@ def write_report(path: Path, *, metrics: dict, names: list[str], dpo: str, df: p
         "",
         *[f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks],
         "",
+        "## What trained the model, and what did not",
+        "",
+        f"- **Trained on**: {metrics['signals']['trained_on']}.",
+        "- **Not trained on** (the model never saw these; a DPO model that only learned the judge shows it here):",
+        *[f"  - {x}" for x in metrics["signals"]["not_trained_on"]],
+        "",
         "## How to read this",
         "",
         f"- **Judge score**: {meaning}. Higher is better.",
@@ -295,6 +413,16 @@ def write_report(path: Path, *, metrics: dict, names: list[str], dpo: str, df: p
         "large, lengths and scores describe truncated text.",
         "- A DPO model that wins by being shorter while its judge score holds is what the pairs rewarded; "
         "one that wins while its score falls is trading faithfulness for brevity.",
+        f"- **Copy share**: per response, the share of its {M.COPY_NGRAM}-word runs that occur in the source "
+        f"(lower-cased words), averaged; a **near-verbatim copy** has more than {M.NEAR_VERBATIM:.0%} of them in "
+        "the source. A judge that rewards copying shows as a model that wins while its copy share rises.",
+        "- **Length-controlled win rate**: a logistic fit of each prompt's verdict on the length difference "
+        "(AlpacaEval 2's idea, simplified: common.metrics.length_controlled_win_rate), read at equal length. "
+        "Far below the plain win rate: the wins came from being shorter.",
+        "- **ROUGE-L** (F1, Google's rouge_score, stemmed) and **embedding similarity** compare each answer with "
+        "the human reference summary; **judge prefers human reference** is the share of prompts where the "
+        "training judge, by the pairing rule, picks the human summary over the model's answer (ties are not "
+        "preferences): a judge that seldom prefers the humans over the SFT model is not measuring summaries.",
         "",
     ]
     if notes:
@@ -309,10 +437,11 @@ def write_report(path: Path, *, metrics: dict, names: list[str], dpo: str, df: p
 
 def assemble(folder: Path, df: pd.DataFrame, names: list[str], cfg: EvaluateStageConfig, *, judge: JudgeConfig,
              filters: FilterConfig, pairing: PairingConfig, dpo_manifest: dict, notes: list[str],
-             models_used: dict[str, str], dpo: str = "dpo") -> tuple[dict, str]:
+             models_used: dict[str, str], dpo: str = "dpo", embed=None) -> tuple[dict, str]:
     """Everything stage 4 writes beside data/: metrics.json, the PNGs, report.md. Returns (metrics, table)."""
     base = cfg.baseline.name
-    metrics = compute(df, names, base, judge, filters, pairing, cfg.bootstrap_samples, cfg.seed)
+    metrics = compute(df, names, base, judge, filters, pairing, cfg.bootstrap_samples, cfg.seed, embed)
+    metrics["signals"] = signals(judge, pairing_rule_text(pairing), (df[S.SYSTEM] == REFERENCE_SYSTEM).any())
     files, missing = draw_plots(df, names, metrics, judge, folder, dpo_manifest)
     notes = list(notes) + missing
     s = cfg.sampling
