@@ -218,11 +218,13 @@ def main() -> None:
              "judge_seconds": round(judge_seconds, 1),
              "win_rate": {n: w.get("win_rate") for n, w in metrics["win_rate"].items()}}
     references = int((df[S.SYSTEM] == report.REFERENCE_SYSTEM).sum())
-    manifest = out.commit(rows={"responses": len(df) - references, "references": references}, stats=stats, judge_dir=judge_m["dir"] if judge_m else None,
+    manifest = out.commit(rows={"responses": len(df) - references, "references": references}, stats=stats,
+                          judge_dir=judge_m["dir"] if judge_m else None,
                           table=table, targets=metrics["targets"], report=str(out.final / "report.md"),
                           metrics_file=str(out.final / "metrics.json"))
     print(f"\n{table}\n\n{bar(metrics['targets'])}", flush=True)
-    print(f"[{STAGE}] {len(names)} models x {len(common)} prompts (+ {references} human references) judged in {time.time() - t0:.0f}s "
+    print(f"[{STAGE}] {len(names)} models x {len(common)} prompts (+ {references} human references) judged in "
+          f"{time.time() - t0:.0f}s "
           f"({empty} prompts dropped for an empty text). "
           f"Report: {manifest['dir']}/report.md", flush=True)
 

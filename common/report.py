@@ -297,7 +297,7 @@ def examples_md(df: pd.DataFrame, names: list[str], model: str, baseline: str, p
         cut = " ".join(src[:source_words]) + (" …" if len(src) > source_words else "")
         parts.append(f"### Example {i}: prompt `{pid}` ({model} vs {baseline}: {verdict})\n\n"
                      f"Source ({len(src)} words):\n\n{_quote(cut)}\n")
-        for n in names:
+        for n in [*names, REFERENCE_SYSTEM]:  # the human reference last, when the data has one
             if n in rows.index:
                 r = rows.loc[n]
                 parts.append(f"**{n}** ({int(r[S.NUM_WORDS])} words, score {_num(r[S.SCORE])}):\n\n"
@@ -361,6 +361,27 @@ def embedder(judge: JudgeConfig):
 
 
 # ---------------------------------------------------------------- report.md
+SIGNAL_HELP = [
+    f"- **Copy share**: per response, the share of its {M.COPY_NGRAM}-word runs that occur in the source "
+    f"(lower-cased words), averaged; a **near-verbatim copy** has more than {M.NEAR_VERBATIM:.0%} of them in "
+    "the source. A judge that rewards copying shows as a model that wins while its copy share rises.",
+    "- **Length-controlled win rate**: a logistic fit of each prompt's verdict on the length difference "
+    "(AlpacaEval 2's idea, simplified: common.metrics.length_controlled_win_rate), read at equal length. "
+    "Far below the plain win rate: the wins came from being shorter.",
+    "- **ROUGE-L** (F1, Google's rouge_score, stemmed) and **embedding similarity** compare each answer with "
+    "the human reference summary; **judge prefers human reference** is the share of prompts where the "
+    "training judge, by the pairing rule, picks the human summary over the model's answer (ties are not "
+    "preferences): a judge that seldom prefers the humans over the SFT model is not measuring summaries.",
+]
+
+
+def signals_md(sig: dict) -> list[str]:
+    return ["## What trained the model, and what did not", "",
+            f"- **Trained on**: {sig['trained_on']}.",
+            "- **Not trained on** (the model never saw these; a DPO model that only learned the judge shows it here):",
+            *[f"  - {x}" for x in sig["not_trained_on"]], ""]
+
+
 def pairing_rule_text(pairing: PairingConfig) -> str:
     return (f"if either response scores below {pairing.quality_threshold:g}, the higher score wins"
             f"{f' (by at least {pairing.quality_margin:g})' if pairing.quality_margin else ''}; otherwise the "
@@ -393,12 +414,7 @@ def write_report(path: Path, *, metrics: dict, names: list[str], dpo: str, df: p
         "",
         *[f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks],
         "",
-        "## What trained the model, and what did not",
-        "",
-        f"- **Trained on**: {metrics['signals']['trained_on']}.",
-        "- **Not trained on** (the model never saw these; a DPO model that only learned the judge shows it here):",
-        *[f"  - {x}" for x in metrics["signals"]["not_trained_on"]],
-        "",
+        *signals_md(metrics["signals"]),
         "## How to read this",
         "",
         f"- **Judge score**: {meaning}. Higher is better.",
@@ -413,16 +429,7 @@ def write_report(path: Path, *, metrics: dict, names: list[str], dpo: str, df: p
         "large, lengths and scores describe truncated text.",
         "- A DPO model that wins by being shorter while its judge score holds is what the pairs rewarded; "
         "one that wins while its score falls is trading faithfulness for brevity.",
-        f"- **Copy share**: per response, the share of its {M.COPY_NGRAM}-word runs that occur in the source "
-        f"(lower-cased words), averaged; a **near-verbatim copy** has more than {M.NEAR_VERBATIM:.0%} of them in "
-        "the source. A judge that rewards copying shows as a model that wins while its copy share rises.",
-        "- **Length-controlled win rate**: a logistic fit of each prompt's verdict on the length difference "
-        "(AlpacaEval 2's idea, simplified: common.metrics.length_controlled_win_rate), read at equal length. "
-        "Far below the plain win rate: the wins came from being shorter.",
-        "- **ROUGE-L** (F1, Google's rouge_score, stemmed) and **embedding similarity** compare each answer with "
-        "the human reference summary; **judge prefers human reference** is the share of prompts where the "
-        "training judge, by the pairing rule, picks the human summary over the model's answer (ties are not "
-        "preferences): a judge that seldom prefers the humans over the SFT model is not measuring summaries.",
+        *SIGNAL_HELP,
         "",
     ]
     if notes:

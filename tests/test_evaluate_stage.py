@@ -122,8 +122,11 @@ def test_off_topic_outputs_lose_every_prompt(evaluated):
 
 def test_per_model_metrics_match_the_judged_rows(evaluated):
     df = pd.read_parquet(evaluated["folder"] / "data")
-    assert len(df) == 3 * N_PROMPTS
-    assert sorted(df[S.SYSTEM].unique()) == ["dpo", "offtopic", "sft"]
+    assert len(df) == 4 * N_PROMPTS  # three models and the human references, judged like a model
+    assert sorted(df[S.SYSTEM].unique()) == ["dpo", "human_reference", "offtopic", "sft"]
+    refs = df[df[S.SYSTEM] == "human_reference"]
+    assert (refs[S.RESPONSE] == refs[S.REFERENCE]).all() and (refs[S.REFERENCE].str.len() > 0).all()
+    df = df[df[S.SYSTEM] != "human_reference"]
     assert np.isfinite(df[S.SCORE]).all()
     for name, m in evaluated["metrics"]["models"].items():
         rows = df[df[S.SYSTEM] == name]
@@ -148,14 +151,44 @@ def test_report_plots_and_manifest_written(evaluated):
     for png in ("lengths.png", "scores.png", "win_tie_loss.png", "training_curves.png"):
         assert (folder / png).stat().st_size > 2000, png
     assert m["prompts"] == N_PROMPTS and m["judge"] == "similarity" and m["baseline"] == "sft"
-    assert [t["pass"] for t in m["targets"]] == [False, False, True]  # 50% < 70%, not shorter, same score
+    # 50% < 70%, not shorter, same score; and on the independent signals the same text: same ROUGE-L, same copying
+    assert [t["pass"] for t in m["targets"]] == [False, False, True, True, True]
+    assert [t["check"].split(" (")[0] for t in m["targets"]][3:] == ["ROUGE-L vs human not lower than sft",
+                                                                    "copy share not higher than sft"]
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["status"] == "complete" and manifest["rows"] == {"responses": 3 * N_PROMPTS}
+    assert manifest["status"] == "complete"
+    assert manifest["rows"] == {"responses": 3 * N_PROMPTS, "references": N_PROMPTS}
     assert manifest["table"] in report
     out = evaluated["proc"].stdout
     assert "win rate vs sft" in out and "Report:" in out  # the table is printed at the end ...
     assert "FAIL: win rate vs sft >= 70% (got 50.0%)" in out  # ... with the bar
     assert "resource plan" in out
+
+
+def test_signals_beside_the_training_judge(evaluated):
+    """Every model gets the independent signals; the report says which signal trained the model."""
+    folder, m = evaluated["folder"], evaluated["metrics"]
+    for name, row in m["models"].items():
+        for key in ("rouge_l", "reference_similarity", "copy_share", "share_near_verbatim"):
+            assert row[key] is not None and 0 <= row[key] <= 1, (name, key)
+        assert row["n_with_reference"] == N_PROMPTS
+        assert 0 <= row["judge_vs_reference"]["preferred"] <= 1 and row["judge_vs_reference"]["n"] == N_PROMPTS
+    # the same greedy text: the same ROUGE-L and copying; the off-topic text shares nothing with the abstracts
+    assert m["models"]["dpo"]["rouge_l"] == m["models"]["sft"]["rouge_l"]
+    assert m["models"]["offtopic"]["copy_share"] == 0 and m["models"]["offtopic"]["rouge_l"] < 0.1
+    for name in ("dpo", "offtopic"):
+        lc = m["win_rate"][name]["length_controlled"]
+        assert lc["n"] == N_PROMPTS and lc["ci_low"] <= lc["lc_win_rate"] <= lc["ci_high"]
+    assert m["win_rate"]["dpo"]["length_controlled"]["lc_win_rate"] == pytest.approx(0.5, abs=0.01)
+    assert "similarity" in m["signals"]["trained_on"] and "pairing rule" in m["signals"]["trained_on"]
+    assert any("ROUGE-L" in s for s in m["signals"]["not_trained_on"])
+    report = (folder / "report.md").read_text()
+    for text in ("What trained the model, and what did not", "Trained on", "Not trained on",
+                 "length-controlled [95% CI]", "copy share (4-grams found in the source)", "ROUGE-L F1 vs human",
+                 "embedding similarity to human reference", "judge prefers human reference over this model",
+                 "PASS: ROUGE-L vs human not lower than sft", "PASS: copy share not higher than sft"):
+        assert text in report, text
+    assert "PASS: copy share not higher than sft" in evaluated["proc"].stdout
 
 
 def test_rerun_reuses_the_output(evaluated):
