@@ -355,6 +355,12 @@ def embedder(judge: JudgeConfig):
     if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
         raise UserError(f"judge.similarity.embedder: {judge.similarity.embedder} is not a sentence-transformers "
                         f"folder; run `bash scripts/setup.sh` to prepare the embedded models")
+    from transformers.utils import logging as hf_logging
+
+    from common.ray_setup import interactive
+
+    if not interactive():  # the weight-loading bar is carriage-return debris in a log file
+        hf_logging.disable_progress_bar()
     model = _Embedder(str(path), judge.similarity.batch_size).model
     return lambda texts: model.encode(list(texts), normalize_embeddings=True,
                                       batch_size=judge.similarity.batch_size, show_progress_bar=False)
