@@ -130,6 +130,7 @@ def main() -> None:
         return
     check_fits(STAGE, gen_asks, cfg.ray)
     check_fits(STAGE, judge_asks, cfg.ray)
+    report.embedder_path(judge_cfg)  # the report's embedder: missing, it would fail only after generation
 
     # Who is compared: the DPO model, the baseline, the others; a model folder generates, an outputs file is read.
     prompts, empty = load_prompts(cfg.data, cfg.prompt, args.config)

@@ -52,7 +52,6 @@ def filter_reasons(df: pd.DataFrame, cfg: FilterConfig) -> list[str]:
     return reasons
 
 
-
 # Above this share of a run's candidates removed by one filter, stage 2 warns: a filter built for the quickstart's
 # summaries (no backticks, no underscores) can silently eat most of another task's answers.
 WARN_SHARE = 0.25

@@ -345,16 +345,24 @@ def signals(judge: JudgeConfig, rule: str, has_references: bool) -> dict[str, An
             "not_trained_on": independent}
 
 
-def embedder(judge: JudgeConfig):
-    """texts -> normalised embeddings, with the similarity judge's model and loading code (whatever the judge)."""
+def embedder_path(judge: JudgeConfig) -> Path:
+    """The similarity judge's sentence-transformers folder (checked before any model starts)."""
     from common.config import resolve
     from common.errors import UserError
-    from common.judges.similarity import _Embedder
 
     path = resolve(judge.similarity.embedder)
     if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
         raise UserError(f"judge.similarity.embedder: {judge.similarity.embedder} is not a sentence-transformers "
-                        f"folder; run `bash scripts/setup.sh` to prepare the embedded models")
+                        f"folder (stage 4 embeds answers and references with it); run `bash scripts/setup.sh` to "
+                        f"prepare the embedded models")
+    return path
+
+
+def embedder(judge: JudgeConfig):
+    """texts -> normalised embeddings, with the similarity judge's model and loading code (whatever the judge)."""
+    from common.judges.similarity import _Embedder
+
+    path = embedder_path(judge)
     from transformers.utils import logging as hf_logging
 
     from common.ray_setup import interactive
