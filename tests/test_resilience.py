@@ -150,6 +150,10 @@ def test_train_driver_killed_mid_run_rerun_resumes_from_its_checkpoint(tmp_path)
     proc = start("03_dpo_train/train.py", DPO_CONFIG, *sets)
     kill_when(proc, after_step_3, timeout=900)
     assert not (tmp_path / "03_dpo_train").exists()
+    # The reference log-probs the killed run computed, stored as it went (common.reference.ReferenceStore)
+    parts = list((tmp_path / ".03_dpo_train.work" / "reference_logps").glob("*/part-*.parquet"))
+    stored = set(pd.concat([pd.read_parquet(p) for p in parts])["pair_id"]) if parts else set()
+    assert len(stored) >= 3  # at least every pair steps 1-3 trained on
     rerun = run_stage("03_dpo_train/train.py", DPO_CONFIG, *sets)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resumed from checkpoint" in rerun.stdout + rerun.stderr
@@ -158,6 +162,14 @@ def test_train_driver_killed_mid_run_rerun_resumes_from_its_checkpoint(tmp_path)
     assert m["stats"]["steps"] == 8 and {r["step"] for r in rows} == set(range(1, 9))
     assert [r["step"] for r in rows].count(1) == 1  # steps 1-2 were not trained again
     assert len({r["trainer_pid"] for r in rows}) == 2  # the first run's worker and the rerun's
+    # the rerun's pool scored only the pairs the killed run had not: the others were read back
+    assert m["stats"]["reference_rows_reused"] == len(stored), m["stats"]
+    assert m["stats"]["reference_rows_computed"] == 8 - len(stored), m["stats"]
+    assert (m["stats"]["reference_actors"] == []) == (len(stored) == 8)  # nothing left to score: no pool at all
+    # and the resumed epoch's reference log-probs still make the full cache, every pair once
+    cache = pd.read_parquet(tmp_path / m["reference_cache"])
+    assert len(cache) == 8 and cache["pair_id"].is_unique
+    assert sorted(pd.read_parquet(tmp_path / "03_dpo_train" / "data")["pair_id"]) == sorted(cache["pair_id"])
 
 
 def test_evaluate_killed_part_way_and_rerun_judges_every_prompt_once(tmp_path, model_path):
