@@ -8,7 +8,8 @@ Pipeline: pairs (stage 2, or your own TRL-format `train_path`) -> tokenise (comm
 reference and the trainer) -> reference log-probs from a `map_batches` actor pool sized by
 `preference_tuning_config.logprob_processor_scaling_config` (common.reference) -> streamed into `num_devices`
 TorchTrainer workers via `get_dataset_shard` (the worker loop: common.train_loop). Reference log-probs are cached per
-(reference model, data, tokenisation) fingerprint beside the pairs, so reruns skip the reference pool. Held-out
+(reference model, data, tokenisation) fingerprint beside the pairs, so reruns skip the reference pool; the pool
+also stores them as it goes, so a rerun after a crash scores only the pairs it had not reached. Held-out
 pairs (`valid_path`, or stage 2's `pairing.valid_fraction` share) get reference log-probs the same way and are
 scored at step 0, every `eval_steps` steps and at the end (common.validation: TRL's eval/* metrics). Writes
 `<output_dir>/03_dpo_train/`: the merged model (`model/`, loads in transformers and vLLM), the LoRA adapter
@@ -16,6 +17,7 @@ scored at step 0, every `eval_steps` steps and at the end (common.validation: TR
 """
 import shutil
 import sys
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,7 +38,7 @@ from common.model_check import check_lora_targets  # noqa: E402
 from common.plots import plot_training_curves  # noqa: E402
 from common.progress import follow_training  # noqa: E402
 from common.ray_setup import check_fits, init_ray, print_plan  # noqa: E402
-from common.reference import add_reference_logps  # noqa: E402
+from common.reference import ReferenceStore, reference_logps_resumable  # noqa: E402
 from common.stage import parse  # noqa: E402
 from common.tracking import collect, describe  # noqa: E402
 from common.tracking import plan as tracking_plan  # noqa: E402
@@ -96,13 +98,16 @@ def main() -> None:
     error_file = work / "error.txt"
     error_file.unlink(missing_ok=True)
 
-    # Reference log-probs: the cache if it covers every pair, else the actor pool, streamed into the trainers.
+    # Reference log-probs: the cache if it covers every pair, else the actor pool, streamed into the trainers. The
+    # pool stores what it scores as it goes (`store`): after a crash, a rerun reads those pairs back and sends only
+    # the others through the pool.
     cache = reference_cache(cfg, ref, source, upstream)
-    train_ds = with_cached_logps(tokenized, cache) if cache.hit else None
+    store = ReferenceStore(cache.store_dir(work), tag=uuid.uuid4().hex[:12])  # the tag: what this run scored
+    train_ds, reused = (with_cached_logps(tokenized, cache), num_pairs) if cache.hit else (None, 0)
     if train_ds is None:
         cache = replace(cache, hit=False)
-        shutil.rmtree(cache.tmp, ignore_errors=True)
-        train_ds = add_reference_logps(tokenized, cfg, ref, provenance_dir=str(work / "reference_actors"))
+        train_ds, reused = reference_logps_resumable(tokenized, cfg, ref, store,
+                                                     provenance_dir=str(work / "reference_actors"))
     # Held-out pairs: tokenised the same way, their reference log-probs computed (or read from their own cache)
     # before training, since they are few; every worker gets all of them (common.validation).
     datasets, valid_stats, valid_cache = {"train": train_ds}, {}, None
@@ -121,7 +126,7 @@ def main() -> None:
             "cfg": cfg.model_copy(update={"model_id": policy, "deepspeed": None}).model_dump(mode="json"),
             "num_pairs": num_pairs,
             "metrics_file": str(work / "metrics.jsonl"), "error_file": str(error_file),
-            "ref_cache_tmp": None if cache.hit else str(cache.tmp), "provenance_dir": str(work / "trainers"),
+            "provenance_dir": str(work / "trainers"),
             "tracking": track,
             "has_valid": "valid" in datasets,
         },
@@ -152,11 +157,14 @@ def main() -> None:
     result.metrics_file.rename(out.path("metrics.jsonl"))
     collect(track, out.path)  # TensorBoard / MLflow / W&B runs, beside the metrics they hold
     if not cache.hit:
-        write_reference_cache(cache, num_pairs)
+        write_reference_cache(cache, store, num_pairs)
     plot_training_curves(out.path("metrics.jsonl"), out.path("training_curves.png"))
     tokenized.select_columns([S.PAIR_ID]).write_parquet(str(out.data))  # which pairs were trained on
     stats = {"pairs_in": len(pairs), "pairs_trained": num_pairs, "dropped": drops,
-             "reference_cache": "hit" if cache.hit else "computed", **valid_stats, **result.stats}
+             "reference_cache": "hit" if cache.hit else "computed",
+             # scored by the pool in this run / read back from a crashed run's store or the cache
+             "reference_rows_computed": store.rows_written(store.tag), "reference_rows_reused": reused,
+             **valid_stats, **result.stats}
     manifest = out.commit(
         rows={"pairs_trained": num_pairs}, stats=stats,
         model=str(out.final / "model"), adapter=str(out.final / "adapter") if cfg.lora_config else None,

@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,13 +234,17 @@ def _model_identity(path: str) -> str:
 
 @dataclass(frozen=True)
 class ReferenceCache:
-    """Where the reference log-probs of one (reference model, data, tokenisation) live. `tmp` collects the workers'
-    shares while they train; `hit`: the file exists and will be used instead of the reference pool."""
+    """Where the reference log-probs of one (reference model, data, tokenisation) live. `hit`: the file exists and
+    will be used instead of the reference pool. Until it exists they build up in a common.reference.ReferenceStore
+    (`store_dir`), which survives a crash."""
 
     fingerprint: str
     path: Path
-    tmp: Path
     hit: bool
+
+    def store_dir(self, work: Path) -> Path:
+        """In the stage's work folder (on the shared output_dir; --force clears it, a finished run removes it)."""
+        return work / "reference_logps" / self.fingerprint
 
 
 def reference_cache(cfg: DPOStageConfig, ref_path: str, source: dict, upstream: dict | None) -> ReferenceCache:
@@ -257,7 +260,7 @@ def reference_cache(cfg: DPOStageConfig, ref_path: str, source: dict, upstream: 
     fp = hashlib.sha256(key.encode()).hexdigest()[:16]
     root = Path(upstream["dir"]) if upstream else resolve(cfg.output_dir)
     path = root / "ref_logps" / f"{fp}.parquet"
-    return ReferenceCache(fingerprint=fp, path=path, tmp=root / "ref_logps" / f".{fp}.parts", hit=path.exists())
+    return ReferenceCache(fingerprint=fp, path=path, hit=path.exists())
 
 
 def with_cached_logps(tokenized, cache: ReferenceCache):
@@ -272,17 +275,17 @@ def with_cached_logps(tokenized, cache: ReferenceCache):
     return ray.data.from_items(df.to_dict("records"), override_num_blocks=tokenized.num_blocks())
 
 
-def write_reference_cache(cache: ReferenceCache, num_pairs: int) -> None:
-    """Assemble the workers' shares into one file, only if every trained pair is covered exactly once."""
-    parts = sorted(cache.tmp.glob("rank-*.parquet"))
-    if not parts:
-        return
-    df = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
-    if len(df) == num_pairs and df[S.PAIR_ID].is_unique:
-        tmp = cache.path.with_suffix(".tmp")
-        df.to_parquet(tmp)
-        os.replace(tmp, cache.path)
-    shutil.rmtree(cache.tmp, ignore_errors=True)
+def write_reference_cache(cache: ReferenceCache, store, num_pairs: int) -> bool:
+    """Assemble the store's parts (every run's, each pair once) into the cache file, only if they cover every
+    trained pair. Whether the cache was written."""
+    df = store.read()[[S.PAIR_ID, S.REF_CHOSEN_LOGPS, S.REF_REJECTED_LOGPS]]
+    if len(df) != num_pairs:
+        return False
+    cache.path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.path.with_suffix(".tmp")
+    df.to_parquet(tmp)
+    os.replace(tmp, cache.path)
+    return True
 
 
 def valid_with_reference(tokenized, cfg: DPOStageConfig, ref_path: str, cache: ReferenceCache,

@@ -10,15 +10,76 @@ Two backends score the same tokens (the ids come from common.tokenize, upstream 
   sequence (prompt+chosen, prompt+rejected), so `batch_size` never changes a log-prob and at step 0 the policy
   (initialised from this model) reproduces them exactly.
 - `vllm`: vLLM's `prompt_logprobs` over the same ids, with tensor parallelism for a reference larger than one GPU.
+
+Restarts do not redo the reference: every actor writes each batch it scores to a `ReferenceStore` (small parquet
+parts, keyed by pair id, in the stage's work folder on the shared output_dir) before handing the batch on, so every
+pair a trainer has seen has stored log-probs. A rerun after a crash reads the stored pairs from there and sends only
+the rest through the pool (`reference_logps_resumable`); an actor started by a Ray Train restart looks its batch up
+in the store before scoring it.
 """
 from __future__ import annotations
 
+import functools
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from common import schema as S
+
+STORE_COLUMNS = [S.PAIR_ID, S.REF_CHOSEN_LOGPS, S.REF_REJECTED_LOGPS, S.REF_CHOSEN_TOKENS, S.REF_REJECTED_TOKENS]
+
+
+class ReferenceStore:
+    """The reference log-probs of one fingerprint (common.dpo.reference_cache), persisted as they are computed: one
+    parquet part per scored batch, written under a temporary name and renamed, so a reader never sees half a part.
+    Parts may overlap (a batch retried after its actor died mid-way): the first copy of a pair wins. `tag` names
+    the parts one run writes, so the run can count what it computed."""
+
+    def __init__(self, folder: str | Path, tag: str = "run"):
+        self.folder, self.tag = Path(folder), tag
+
+    def write(self, df: pd.DataFrame) -> None:
+        if not len(df):
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"part-{self.tag}-{uuid.uuid4().hex}.parquet"
+        tmp = self.folder / f".{name}.tmp"
+        df[STORE_COLUMNS].to_parquet(tmp, index=False)
+        os.replace(tmp, self.folder / name)
+
+    def parts(self, tag: str | None = None) -> list[Path]:
+        return sorted(self.folder.glob(f"part-{tag + '-' if tag else ''}*.parquet"))
+
+    def read(self, parts: list[Path] | None = None) -> pd.DataFrame:
+        """Every stored pair once, in STORE_COLUMNS."""
+        frames = [pd.read_parquet(p) for p in (self.parts() if parts is None else parts)]
+        if not frames:
+            return pd.DataFrame({c: pd.Series(dtype=object if c == S.PAIR_ID else float) for c in STORE_COLUMNS})
+        df = pd.concat(frames, ignore_index=True)
+        df[S.PAIR_ID] = df[S.PAIR_ID].astype(str)
+        return df.drop_duplicates(S.PAIR_ID, keep="first").reset_index(drop=True)
+
+    def compact(self) -> Path | None:
+        """Merge every part into one (read once per task downstream, not one file per batch); None if empty."""
+        parts = self.parts()
+        if len(parts) <= 1:
+            return parts[0] if parts else None
+        df = self.read(parts)
+        name = self.folder / f"part-compact-{uuid.uuid4().hex}.parquet"
+        df.to_parquet(self.folder / f".{name.name}.tmp", index=False)
+        os.replace(self.folder / f".{name.name}.tmp", name)
+        for p in parts:  # a crash before this ends leaves duplicates, which read() drops
+            p.unlink(missing_ok=True)
+        return name
+
+    def rows_written(self, tag: str) -> int:
+        """Rows this tag's parts hold (a retried batch counts twice: it was scored twice)."""
+        import pyarrow.parquet as pq
+
+        return sum(pq.read_metadata(p).num_rows for p in self.parts(tag))
 
 
 def record_provenance(folder: str | None, **extra) -> None:
@@ -36,21 +97,61 @@ def record_provenance(folder: str | None, **extra) -> None:
     (Path(folder) / f"{os.getpid()}.json").write_text(json.dumps(info))
 
 
-def _out(batch, chosen, rejected, n_chosen, n_rejected):
+def _out(batch, chosen, rejected, n_chosen, n_rejected, pid: int | None = None):
     batch[S.REF_CHOSEN_LOGPS] = np.asarray(chosen, dtype=np.float64)
     batch[S.REF_REJECTED_LOGPS] = np.asarray(rejected, dtype=np.float64)
     batch[S.REF_CHOSEN_TOKENS] = np.asarray(n_chosen, dtype=np.int64)
     batch[S.REF_REJECTED_TOKENS] = np.asarray(n_rejected, dtype=np.int64)
-    batch[S.REF_PID] = np.full(len(chosen), os.getpid(), dtype=np.int64)
+    batch[S.REF_PID] = np.full(len(batch[S.PAIR_ID]), os.getpid() if pid is None else pid, dtype=np.int64)
     return batch
 
 
-class ReferenceLogProbProcessor:
+def _subset(batch: dict[str, np.ndarray], keep: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[keep] for k, v in batch.items()}
+
+
+class _Scorer:
+    """What both backends share: a batch's pairs already in the store are looked up, the others scored by
+    `_score` and written to the store before the batch moves on."""
+
+    def _open_store(self, store_dir: str | None, store_tag: str) -> None:
+        self.store = ReferenceStore(store_dir, store_tag) if store_dir else None
+        # Parts written before this actor started (a Ray Train restart within the same run): looked up, not scored.
+        self.stored = self.store.read().set_index(S.PAIR_ID) if self.store else None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = np.asarray([str(i) for i in batch[S.PAIR_ID]], dtype=object)
+        known = ids_in(ids, self.stored)
+        cols = {k: np.zeros(len(ids), dtype=t) for k, t in zip(STORE_COLUMNS[1:], (np.float64, np.float64, np.int64,
+                                                                                  np.int64))}
+        if known.any():
+            hit = self.stored.loc[ids[known]]
+            for k in cols:
+                cols[k][known] = hit[k].to_numpy()
+        todo = ~known
+        if todo.any():
+            scored = self._score(_subset(batch, todo))
+            for k, v in zip(STORE_COLUMNS[1:], scored):
+                cols[k][todo] = v
+            if self.store is not None:
+                self.store.write(pd.DataFrame({S.PAIR_ID: ids[todo], **{k: v[todo] for k, v in cols.items()}}))
+        return _out(batch, *cols.values())
+
+
+def ids_in(ids: np.ndarray, table: pd.DataFrame | None) -> np.ndarray:
+    """Which of `ids` have a row in `table` (indexed by pair id)."""
+    if table is None or not len(table):
+        return np.zeros(len(ids), dtype=bool)
+    return np.isin(ids, table.index.to_numpy())
+
+
+class ReferenceLogProbProcessor(_Scorer):
     """Loads the frozen reference once per actor; `__call__` returns the batch plus TRL's `ref_chosen_logps` /
     `ref_rejected_logps` (summed over response tokens)."""
 
     def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False,
-                 provenance_dir: str | None = None, attn_implementation: str | None = None):
+                 provenance_dir: str | None = None, attn_implementation: str | None = None,
+                 store_dir: str | None = None, store_tag: str = "run"):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -64,9 +165,10 @@ class ReferenceLogProbProcessor:
         from common.dpo_loss import supports_logits_to_keep
 
         self.window = supports_logits_to_keep(self.model)
+        self._open_store(store_dir, store_tag)
         record_provenance(provenance_dir)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _score(self, batch: dict[str, np.ndarray]) -> tuple:
         from common.dpo_loss import model_logps
         from common.tokenize import collate_pairs
 
@@ -76,17 +178,19 @@ class ReferenceLogProbProcessor:
             logps, ntok, _ = model_logps(self.model, ids.to(dev), attn.to(dev), mask.to(dev), self.window)
         b = len(batch[S.PROMPT_IDS])
         logps, ntok = logps.float().cpu().numpy(), ntok.cpu().numpy()
-        return _out(batch, logps[:b], logps[b:], ntok[:b], ntok[b:])
+        return logps[:b], logps[b:], ntok[:b], ntok[b:]
 
 
-class VLLMReferenceLogProbProcessor:
+class VLLMReferenceLogProbProcessor(_Scorer):
     """The same numbers from vLLM's `prompt_logprobs`: the response tokens are scored as part of the prompt, so one
     prefill per sequence and no sampling. `tensor_parallel_size > 1` spreads a large reference over GPUs."""
 
     def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False,
-                 tensor_parallel_size: int = 1, max_model_len: int = 2048, provenance_dir: str | None = None):
+                 tensor_parallel_size: int = 1, max_model_len: int = 2048, provenance_dir: str | None = None,
+                 store_dir: str | None = None, store_tag: str = "run"):
         from vllm import LLM, SamplingParams
 
+        self._open_store(store_dir, store_tag)
         record_provenance(provenance_dir)
         on_cpu = not _has_cuda()
         if on_cpu:  # else vLLM claims 92% of the host's memory for its KV cache
@@ -100,7 +204,7 @@ class VLLMReferenceLogProbProcessor:
         # prompt_logprobs=0: the logprob of each actual prompt token, nothing else.
         self.params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _score(self, batch: dict[str, np.ndarray]) -> tuple:
         from vllm.inputs import TokensPrompt
 
         prompts, spans = [], []
@@ -117,7 +221,7 @@ class VLLMReferenceLogProbProcessor:
         sums = np.asarray(sums)
         n_c = [len(c) for c in batch[S.CHOSEN_IDS]]
         n_r = [len(r) for r in batch[S.REJECTED_IDS]]
-        return _out(batch, sums[0::2], sums[1::2], n_c, n_r)
+        return sums[0::2], sums[1::2], n_c, n_r
 
 
 def _has_cuda() -> bool:
@@ -126,15 +230,64 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def add_reference_logps(ds, cfg, model_path: str, provenance_dir: str | None = None):
-    """Attach the reference actor pool to `ds` (lazy). `cfg` is the stage-3 config."""
+def reference_logps_resumable(ds, cfg, model_path: str, store: ReferenceStore, provenance_dir: str | None = None):
+    """Attach the reference log-probs to `ds` (lazy). `cfg` is the stage-3 config. With a `store`, the pairs it holds
+    already (a rerun after a crash) are read from it and only the others go through the actor pool, which adds
+    what it scores to the store. Returns (dataset, pairs read from the store)."""
+    stored = store.compact()
+    reused, total = _count_stored(ds, stored)
+    if not reused:
+        return add_reference_logps(ds, cfg, model_path, provenance_dir, store), 0
+    # batch_size=None: one batch per block, so the blocks stay as many as the trainers were given (common.dpo)
+    known = ds.map_batches(_from_store, fn_kwargs={"path": str(stored)}, batch_format="numpy", batch_size=None,
+                           num_cpus=0.25)
+    if reused == total:  # every pair scored before: no reference actor at all
+        return known, reused
+    todo = ds.map_batches(_not_in_store, fn_kwargs={"path": str(stored)}, batch_format="numpy", batch_size=None,
+                          num_cpus=0.25)
+    return add_reference_logps(todo, cfg, model_path, provenance_dir, store).union(known), reused
+
+
+@functools.lru_cache(maxsize=2)
+def _stored_table(path: str) -> pd.DataFrame:
+    """A compacted store part, indexed by pair id; read once per worker process (its name is unique)."""
+    return pd.read_parquet(path).set_index(S.PAIR_ID)
+
+
+def _count_stored(ds, stored: Path | None) -> tuple[int, int]:
+    """(pairs of `ds` in the store, pairs of `ds`)."""
+    if stored is None:
+        return 0, -1
+    ids = ds.select_columns([S.PAIR_ID]).to_pandas()[S.PAIR_ID].astype(str)  # the pair ids only, not the rows
+    return int(ids.isin(pd.read_parquet(stored, columns=[S.PAIR_ID])[S.PAIR_ID].astype(str)).sum()), len(ids)
+
+
+def _from_store(batch: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
+    """The batch's pairs that have stored reference log-probs, with them (`ref_pid` -1: no process of this run)."""
+    table = _stored_table(path)
+    ids = np.asarray([str(i) for i in batch[S.PAIR_ID]], dtype=object)
+    keep = ids_in(ids, table)
+    hit = table.loc[ids[keep]]
+    return _out(_subset(batch, keep), *(hit[k].to_numpy() for k in STORE_COLUMNS[1:]), pid=-1)
+
+
+def _not_in_store(batch: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
+    ids = np.asarray([str(i) for i in batch[S.PAIR_ID]], dtype=object)
+    return _subset(batch, ~ids_in(ids, _stored_table(path)))
+
+
+def add_reference_logps(ds, cfg, model_path: str, provenance_dir: str | None = None,
+                        store: ReferenceStore | None = None):
+    """Attach the reference actor pool to `ds` (lazy). `cfg` is the stage-3 config; with a `store`, the actors add
+    what they score to it."""
     import ray
 
     sc = cfg.preference_tuning_config.logprob_processor_scaling_config
     ptc = cfg.preference_tuning_config
     lo, hi = (sc.concurrency, sc.concurrency) if isinstance(sc.concurrency, int) else sc.concurrency
     kwargs = dict(model_path=model_path, dtype=cfg.dtype, provenance_dir=provenance_dir,
-                  attn_implementation=cfg.attn_implementation)
+                  attn_implementation=cfg.attn_implementation,
+                  store_dir=str(store.folder) if store else None, store_tag=store.tag if store else "run")
     cls = ReferenceLogProbProcessor
     if ptc.reference_backend == "vllm":
         cls = VLLMReferenceLogProbProcessor

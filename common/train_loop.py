@@ -92,8 +92,7 @@ class StepOutput:
 # ------------------------------------------------------------------------------------------------ the loop
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's entry point. `config`: the stage config (`cfg`, as JSON), `num_pairs`, `metrics_file`,
-    `error_file` (where rank 0 explains a stop the driver must not retry) and `ref_cache_tmp` (where each worker
-    leaves its share of the reference log-probs for the cache; None when they came from the cache) and `has_valid`
+    `error_file` (where rank 0 explains a stop the driver must not retry) and `has_valid`
     (a `valid` dataset of held-out pairs is there: common.validation)."""
     import ray.train
 
@@ -119,9 +118,7 @@ def train_loop_per_worker(config: dict) -> None:
                 Path(config["error_file"]).write_text(str(e))
             tracking.finish()
             return
-        kept = feed.end_epoch(complete_pass)
-        if kept is not None and config.get("ref_cache_tmp"):
-            _write_ref_cache(kept, Path(config["ref_cache_tmp"]), run.rank)
+        feed.end_epoch(complete_pass)  # the reference actors stored their log-probs for the cache already
         if epoch + 1 == cfg.num_epochs:  # after the last step, unless eval_steps just did
             valid.evaluate(run, epoch)
         run.progress = Progress(epoch=epoch + 1, global_step=run.progress.global_step)
@@ -510,16 +507,3 @@ def _load_state(path: Path, run: Run) -> Progress:
     run.scheduler.load_state_dict(opt["scheduler"])
     return Progress(**json.loads((path / "state.json").read_text()))
 
-
-def _write_ref_cache(rows: list[dict], folder: Path, rank: int) -> None:
-    """This worker's share of the reference log-probs; the driver assembles the shares into the cache."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    folder.mkdir(parents=True, exist_ok=True)
-    table = pa.table({
-        S.PAIR_ID: [str(r[S.PAIR_ID]) for r in rows],
-        S.REF_CHOSEN_LOGPS: [float(r[S.REF_CHOSEN_LOGPS]) for r in rows],
-        S.REF_REJECTED_LOGPS: [float(r[S.REF_REJECTED_LOGPS]) for r in rows],
-    })
-    pq.write_table(table, folder / f"rank-{rank}.parquet")

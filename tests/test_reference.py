@@ -76,3 +76,59 @@ def test_tokenised_pairs_reach_the_reference_pool_in_many_blocks(ray_local, mode
     kept, drops = tokenize_pairs(pairs, DPOStageConfig(num_data_blocks_per_device=6), model_path, "test")
     assert not drops and kept.count() == 12
     assert kept.num_blocks() == 6
+
+
+# ------------------------------------------------- the store that lets a restart skip the reference (no Ray)
+def _scored(ids, base=0.0):
+    import pandas as pd
+
+    return pd.DataFrame({S.PAIR_ID: ids, S.REF_CHOSEN_LOGPS: [base - i for i in range(len(ids))],
+                         S.REF_REJECTED_LOGPS: [base - 10 - i for i in range(len(ids))],
+                         S.REF_CHOSEN_TOKENS: [5] * len(ids), S.REF_REJECTED_TOKENS: [7] * len(ids)})
+
+
+def test_store_parts_are_atomic_first_copy_wins_and_compact_to_one(tmp_path):
+    from common.reference import ReferenceStore
+
+    first, second = ReferenceStore(tmp_path / "s", "aaa"), ReferenceStore(tmp_path / "s", "bbb")
+    assert first.read().empty and first.compact() is None
+    first.write(_scored(["p0", "p1"]))
+    first.write(_scored(["p2"]))
+    second.write(_scored(["p1", "p3"], base=-100.0))  # p1 again: a batch retried after its actor died
+    assert not list((tmp_path / "s").glob(".*"))  # no temporary file left behind
+    assert first.rows_written("aaa") == 3 and first.rows_written("bbb") == 2
+    df = first.read()
+    assert sorted(df[S.PAIR_ID]) == ["p0", "p1", "p2", "p3"]
+    assert df.set_index(S.PAIR_ID).loc["p1", S.REF_CHOSEN_LOGPS] in (-1.0, -100.0)
+    one = first.compact()
+    assert first.parts() == [one] and first.read().equals(df)
+    assert first.rows_written("aaa") == 0  # compacted: counted when they were written, not again
+
+
+def test_stored_pairs_are_read_back_and_only_the_others_go_to_the_pool(tmp_path, batch):
+    from common.reference import STORE_COLUMNS, ReferenceStore, _from_store, _not_in_store
+
+    b = {**{k: v.copy() for k, v in batch.items()}, S.PAIR_ID: np.array(["a", "b", "c"], dtype=object)}
+    store = ReferenceStore(tmp_path / "s", "x")
+    store.write(_scored(["c", "a"]))
+    path = str(store.compact())
+    known, todo = _from_store({k: v.copy() for k, v in b.items()}, path), _not_in_store(b, path)
+    assert list(known[S.PAIR_ID]) == ["a", "c"] and list(todo[S.PAIR_ID]) == ["b"]
+    assert list(known[S.REF_CHOSEN_LOGPS]) == [-1.0, 0.0] and list(known[S.REF_PID]) == [-1, -1]
+    assert set(STORE_COLUMNS) <= set(known) and len(known[S.PROMPT_IDS]) == 2
+
+
+def test_an_actor_stores_what_it_scores_and_a_restarted_one_scores_nothing_again(tmp_path, batch, model_path):
+    """A Ray Train restart starts new reference actors on the same data: they find the pairs in the store."""
+    from common.reference import ReferenceLogProbProcessor, ReferenceStore
+
+    b = {**batch, S.PAIR_ID: np.array(["a", "b", "c"], dtype=object)}
+    store = ReferenceStore(tmp_path / "s")
+    first = ReferenceLogProbProcessor(model_path, store_dir=str(store.folder), store_tag="one")(
+        {k: v.copy() for k, v in b.items()})
+    assert store.rows_written("one") == 3
+    again = ReferenceLogProbProcessor(model_path, store_dir=str(store.folder), store_tag="two")(
+        {k: v.copy() for k, v in b.items()})
+    assert store.rows_written("two") == 0
+    for col in (S.REF_CHOSEN_LOGPS, S.REF_REJECTED_LOGPS, S.REF_CHOSEN_TOKENS, S.REF_REJECTED_TOKENS):
+        assert list(again[col]) == list(first[col]), col

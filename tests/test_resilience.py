@@ -92,6 +92,9 @@ def test_two_workers_one_killed_mid_epoch_resume_and_train_every_pair_once(tmp_p
     by_epoch = {e: sum(r["pairs"] for r in kept if r["epoch"] == e) for e in (1, 2)}
     assert by_epoch == {1: 8, 2: 8}, kept
     assert len(m["trainer_pids"]) >= 4  # two workers, both replaced
+    # The restarted attempt's reference actors, and epoch 2's pass (epoch 1 was resumed: no worker kept its whole
+    # share), found the pairs already scored in the store: not 8 per pass, only a batch in flight at the kill again.
+    assert 8 <= m["reference_rows_computed"] < 16, m["reference_rows_computed"]
 
 
 # ------------------------------------------------- stages 2, 3 and 4 SIGKILLed part-way, then rerun
@@ -150,6 +153,16 @@ def test_train_driver_killed_mid_run_rerun_resumes_from_its_checkpoint(tmp_path)
     proc = start("03_dpo_train/train.py", DPO_CONFIG, *sets)
     kill_when(proc, after_step_3, timeout=900)
     assert not (tmp_path / "03_dpo_train").exists()
+    # The reference log-probs the killed run computed, stored as it went (common.reference.ReferenceStore)
+    # (one part per actor call of `batch_size` pairs). On this small set the pool is far ahead of the trainer and
+    # has scored every pair by step 3; at scale it lags, as if its last part were missing: dropped here, so the
+    # rerun must both read pairs back and score the rest (a trained pair among them is scored, then skipped).
+    parts = sorted((tmp_path / ".03_dpo_train.work" / "reference_logps").glob("*/part-*.parquet"),
+                   key=lambda p: p.stat().st_mtime)
+    assert len(parts) >= 2, parts
+    parts.pop().unlink()
+    stored = set(pd.concat([pd.read_parquet(p) for p in parts])["pair_id"])
+    assert 0 < len(stored) < 8
     rerun = run_stage("03_dpo_train/train.py", DPO_CONFIG, *sets)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resumed from checkpoint" in rerun.stdout + rerun.stderr
@@ -158,6 +171,14 @@ def test_train_driver_killed_mid_run_rerun_resumes_from_its_checkpoint(tmp_path)
     assert m["stats"]["steps"] == 8 and {r["step"] for r in rows} == set(range(1, 9))
     assert [r["step"] for r in rows].count(1) == 1  # steps 1-2 were not trained again
     assert len({r["trainer_pid"] for r in rows}) == 2  # the first run's worker and the rerun's
+    # the rerun's pool scored only the pairs the killed run had not: the others were read back
+    assert m["stats"]["reference_rows_reused"] == len(stored), m["stats"]
+    assert m["stats"]["reference_rows_computed"] == 8 - len(stored), m["stats"]
+    assert m["stats"]["reference_actors"]  # the pool ran, for those only
+    # and the resumed epoch's reference log-probs still make the full cache, every pair once
+    cache = pd.read_parquet(tmp_path / m["reference_cache"])
+    assert len(cache) == 8 and cache["pair_id"].is_unique
+    assert sorted(pd.read_parquet(tmp_path / "03_dpo_train" / "data")["pair_id"]) == sorted(cache["pair_id"])
 
 
 def test_evaluate_killed_part_way_and_rerun_judges_every_prompt_once(tmp_path, model_path):
