@@ -24,6 +24,11 @@ def shard_model(model: torch.nn.Module, device: torch.device, dtype: torch.dtype
     # Compute in the configured dtype; reduce gradients in fp32 so bf16 sums over ranks do not lose precision.
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     model.to(device)
+    # DDP starts every rank from rank 0's weights; fully_shard keeps each rank's own values for its shard. Weights
+    # read from the model folder agree already, but a fresh LoRA adapter is drawn per rank (seed + rank): take rank 0's.
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.distributed.broadcast(p.data, src=0)
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
