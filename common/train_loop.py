@@ -29,6 +29,7 @@ from common import schema as S
 from common import tracking
 from common.config import DPOStageConfig
 from common.dpo_loss import dpo_loss, dpo_metrics, model_logps, supports_logits_to_keep
+from common.errors import UserError
 from common.progress import step_line
 from common.reference import record_provenance
 from common.sharding import shard_model
@@ -538,7 +539,8 @@ def _load_state(path: Path, run: Run) -> Progress:
     opt = torch.load(path / "optimizer.pt", weights_only=True)
     wrote = opt.get("strategy", "ddp")
     if wrote != run.cfg.strategy:
-        raise ValueError(f"checkpoint written under strategy={wrote}; resume it with strategy={wrote}")
+        raise UserError(f"the checkpoint this run resumes from was written under strategy: {wrote}; resume with "
+                        f"--set strategy={wrote}, or start over with --force")
     if run.cfg.strategy == "fsdp":
         sharding.load_state(run.model, run.optimizer, trainable, opt["optimizer"])
     else:
