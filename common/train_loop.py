@@ -29,8 +29,10 @@ from common import schema as S
 from common import tracking
 from common.config import DPOStageConfig
 from common.dpo_loss import dpo_loss, dpo_metrics, model_logps, supports_logits_to_keep
+from common.errors import UserError
 from common.progress import step_line
 from common.reference import record_provenance
+from common.sharding import shard_model
 from common.tokenize import collate_pairs
 from common.validation import Validation
 
@@ -177,11 +179,10 @@ def build_model(cfg: DPOStageConfig, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def setup(cfg: DPOStageConfig, num_pairs: int, provenance_dir: str | None = None) -> Run:
-    """Model (wrapped for DDP/FSDP by Ray Train), AdamW, the LR schedule; then the latest checkpoint, if Ray Train
-    restarted this worker group or a rerun found one."""
+    """Model (wrapped for DDP by Ray Train, sharded by common.sharding for FSDP), AdamW, the LR schedule; then the
+    latest checkpoint, if Ray Train restarted this worker group or a rerun found one."""
     import ray.train
     import ray.train.torch
-    from torch.distributed.fsdp import ShardingStrategy
     from transformers import get_scheduler
 
     ctx = ray.train.get_context()
@@ -191,8 +192,11 @@ def setup(cfg: DPOStageConfig, num_pairs: int, provenance_dir: str | None = None
     torch.set_num_threads(max(1, int(cfg.num_cpus_per_worker)))
     model = build_model(cfg, getattr(torch, cfg.dtype))
     head_window = supports_logits_to_keep(model.get_base_model() if hasattr(model, "get_base_model") else model)
-    fsdp = {"sharding_strategy": ShardingStrategy[cfg.fsdp_sharding_strategy]} if cfg.strategy == "fsdp" else None
-    model = ray.train.torch.prepare_model(model, parallel_strategy=cfg.strategy, parallel_strategy_kwargs=fsdp)
+    if cfg.strategy == "fsdp":  # FSDP2 by our code on Ray's process group (common.sharding: why not Ray's)
+        model = shard_model(model, ray.train.torch.get_device(), getattr(torch, cfg.dtype),
+                            reshard_after_forward=cfg.fsdp_sharding_strategy == "FULL_SHARD")
+    else:
+        model = ray.train.torch.prepare_model(model, parallel_strategy="ddp")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     batches = math.ceil(num_pairs // world / cfg.train_batch_size_per_device)
@@ -393,6 +397,8 @@ def step0_check(run: Run, out: StepOutput) -> float:
 
 def optimizer_step(run: Run, log: MetricsLog, out: StepOutput, epoch: int) -> dict | None:
     """Clip, step, schedule, advance `run.progress`; then log and checkpoint when due. The metrics if logged."""
+    # Under FSDP the parameters are DTensors, and clip_grad_norm_ reduces their shards' norms over the ranks: the
+    # global norm, as under DDP (tests/test_fsdp.py compares the two curves).
     torch.nn.utils.clip_grad_norm_(run.params, run.cfg.max_grad_norm)
     run.optimizer.step()
     if run.progress.global_step < run.total_steps:  # a resumed epoch may take a step more than planned
@@ -457,7 +463,8 @@ def _mean_over_workers(run: Run, values: dict[str, float]) -> dict[str, float]:
 
 
 def report(run: Run, metrics: dict, merged: bool, checkpoint: bool = True) -> None:
-    """Hand `metrics` to Ray Train, with a checkpoint written by rank 0 (`merged`: plus the final HF model)."""
+    """Hand `metrics` to Ray Train, with a checkpoint written by rank 0 (`merged`: plus the final HF model). Under
+    FSDP every rank first takes part in gathering the state onto rank 0."""
     import ray.train
 
     if checkpoint and run.world > 1:  # the pairs every worker trained on this epoch: a resume skips them all
@@ -466,28 +473,50 @@ def report(run: Run, metrics: dict, merged: bool, checkpoint: bool = True) -> No
         shares: list = [None] * run.world
         dist.all_gather_object(shares, run.progress.done_ids)
         run.progress.done_ids = sorted({i for share in shares for i in share})
+    state = _gather_state(run, merged) if checkpoint else None
     if run.rank != 0 or not checkpoint:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as d:
-        _save_state(Path(d), run, merged)
+        _save_state(Path(d), run, merged, state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def _save_state(path: Path, run: Run, merged: bool) -> None:
+def _gather_state(run: Run, merged: bool) -> dict | None:
+    """What rank 0 writes: trainable weights, optimizer state and, with `merged`, every weight (FSDP only; under
+    DDP rank 0 holds them all already). Collective under FSDP; None on the other ranks."""
+    from common import sharding
+
+    if run.cfg.strategy != "fsdp":
+        if run.rank != 0:
+            return None
+        inner = getattr(run.model, "module", run.model)  # unwrap DDP
+        return {"trainable": {k: v.detach().cpu().contiguous() for k, v in inner.named_parameters()
+                              if v.requires_grad},
+                "optimizer": run.optimizer.state_dict(), "model": inner}
+    state = {"trainable": sharding.trainable_state(run.model),
+             "optimizer": sharding.optimizer_state(run.model, run.optimizer)}
+    if merged:
+        full = sharding.full_model_state(run.model)
+        if run.rank == 0:  # a plain (unsharded) copy of the policy on the CPU, for save_pretrained
+            state["model"] = build_model(run.cfg, getattr(torch, run.cfg.dtype))
+            state["model"].load_state_dict(full)
+    return state if run.rank == 0 else None
+
+
+def _save_state(path: Path, run: Run, merged: bool, state: dict) -> None:
     """Adapter (LoRA) or full weights + optimizer + position; with `merged`, also a plain HF folder of the final
-    model that transformers and vLLM load as is."""
+    model that transformers and vLLM load as is. `state`: from `_gather_state`."""
     from safetensors.torch import save_file
 
-    inner = getattr(run.model, "module", run.model)  # unwrap DDP
-    trainable = {k: v.detach().cpu().contiguous() for k, v in inner.named_parameters() if v.requires_grad}
-    save_file(trainable, str(path / "trainable.safetensors"))
-    torch.save({"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict()},
-               path / "optimizer.pt")
+    save_file(state["trainable"], str(path / "trainable.safetensors"))
+    torch.save({"optimizer": state["optimizer"], "scheduler": run.scheduler.state_dict(),
+                "strategy": run.cfg.strategy}, path / "optimizer.pt")
     (path / "state.json").write_text(json.dumps(asdict(run.progress)))
     if merged:
         from transformers import AutoTokenizer
 
+        inner = state["model"]
         if hasattr(inner, "merge_and_unload"):
             inner.save_pretrained(path / "adapter")
             inner = inner.merge_and_unload()
@@ -497,13 +526,25 @@ def _save_state(path: Path, run: Run, merged: bool) -> None:
 
 
 def _load_state(path: Path, run: Run) -> Progress:
+    """Every rank reads the checkpoint; under FSDP each keeps its shard. The optimizer state's layout follows the
+    strategy that wrote it (FSDP: keyed by parameter name), so a run resumes under the strategy it started with."""
     from safetensors.torch import load_file
 
-    inner = getattr(run.model, "module", run.model)
-    missing = inner.load_state_dict(load_file(str(path / "trainable.safetensors")), strict=False)
-    assert not missing.unexpected_keys, missing.unexpected_keys
+    from common import sharding
+
+    trainable = load_file(str(path / "trainable.safetensors"))
     opt = torch.load(path / "optimizer.pt", weights_only=True)
-    run.optimizer.load_state_dict(opt["optimizer"])
+    wrote = opt.get("strategy", "ddp")
+    if wrote != run.cfg.strategy:
+        raise UserError(f"the checkpoint this run resumes from was written under strategy: {wrote}; resume with "
+                        f"--set strategy={wrote}, or start over with --force")
+    if run.cfg.strategy == "fsdp":
+        sharding.load_state(run.model, run.optimizer, trainable, opt["optimizer"])
+    else:
+        inner = getattr(run.model, "module", run.model)
+        missing = inner.load_state_dict(trainable, strict=False)
+        assert not missing.unexpected_keys, missing.unexpected_keys
+        run.optimizer.load_state_dict(opt["optimizer"])
     run.scheduler.load_state_dict(opt["scheduler"])
     return Progress(**json.loads((path / "state.json").read_text()))
 

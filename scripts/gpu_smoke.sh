@@ -29,13 +29,12 @@ check() {  # check NAME COMMAND...: PASS if the command exits 0
 manifest() {  # manifest STAGE PYTHON-EXPR: the expression on the stage's manifest `m` must be true
   "$PY" -c "import json, sys; m = json.load(open('$OUT/$1/manifest.json')); sys.exit(0 if ($2) else 1)"
 }
-run_stage() {  # run_stage NN_stage SCRIPT --set ...: PASS if the stage exits 0
-  local name=$1 script=$2; shift 2
-  if "$PY" "$script" --config "configs/quickstart/$name.yaml" --force "${COMMON[@]}" "$@" \
-      >"$OUT/logs/$name.log" 2>&1; then
-    pass "$name runs (log: $OUT/logs/$name.log)"
+run_stage() {  # run_stage NN_stage SCRIPT --set ...: PASS if the stage exits 0 (LOG=name: another log file)
+  local name=$1 script=$2 log=$OUT/logs/${LOG:-$1}.log; shift 2
+  if "$PY" "$script" --config "configs/quickstart/$name.yaml" --force "${COMMON[@]}" "$@" >"$log" 2>&1; then
+    pass "${LOG:-$name} runs (log: $log)"
   else
-    fail "$name runs (log: $OUT/logs/$name.log)"; return 1
+    fail "${LOG:-$name} runs (log: $log)"; return 1
   fi
 }
 
@@ -98,6 +97,18 @@ if run_stage 03_dpo_train 03_dpo_train/train.py --set use_gpu=true --set "num_de
   check "03_dpo_train: trained every pair, finite loss" manifest 03_dpo_train \
     "m['stats']['pairs_trained'] > 0 and m['stats']['final_metrics']['loss'] == m['stats']['final_metrics']['loss']"
   check "03_dpo_train: merged model written" test -f "$OUT/03_dpo_train/model/config.json"
+fi
+
+# Stage 3 again under FSDP2 (common/sharding.py) over NCCL, into its own folder: the path tests/test_fsdp.py runs on
+# gloo, here with CUDA memory, bf16 and NCCL's reduce-scatter.
+if LOG=03_dpo_train_fsdp run_stage 03_dpo_train 03_dpo_train/train.py --set use_gpu=true --set "num_devices=$NTRAIN" \
+    --set "dtype=$TRAIN_DTYPE" --set 'worker_resources={"accelerator_type:A100": 0.001, "GPU": 0.6}' \
+    --set "$REF.num_gpus=0.4" --set "$REF.concurrency=1" --set strategy=fsdp \
+    --set "input_dir=$OUT/02_judge" --set "output_dir=$OUT/fsdp"; then
+  check "03_dpo_train under FSDP: trained every pair, finite loss" manifest fsdp/03_dpo_train \
+    "m['stats']['pairs_trained'] > 0 and m['stats']['final_metrics']['loss'] == m['stats']['final_metrics']['loss']"
+  check "03_dpo_train under FSDP: gathered model loads in transformers" "$PY" -c \
+    "from transformers import AutoModelForCausalLM as M; M.from_pretrained('$OUT/fsdp/03_dpo_train/model')"
 fi
 
 # Stage 4: the DPO model and the SFT baseline through vLLM on a GPU, one at a time.
