@@ -56,6 +56,7 @@ def reference_logps(pairs, model_path):
         for start in range(0, NUM_PAIRS, bs):
             chunk = pairs[start:start + bs]
             batch = {k: _column([p[k] for p in chunk]) for k in (S.PROMPT_IDS, S.CHOSEN_IDS, S.REJECTED_IDS)}
+            batch[S.PAIR_ID] = np.asarray([f"p{start + i}" for i in range(len(chunk))], dtype=object)  # as stage 3's
             res = actor(batch)
             chosen += res[S.REF_CHOSEN_LOGPS].tolist()
             rejected += res[S.REF_REJECTED_LOGPS].tolist()
