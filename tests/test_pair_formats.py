@@ -64,7 +64,8 @@ def test_pairs_that_cannot_be_read_are_one_line_naming_the_row(tmp_path, case, e
     good = {"chosen": [U("Q?"), A("Yes.")], "rejected": [U("Q?"), A("No.")]}
     bad = {"no_shared_prefix": {"chosen": [U("Q?"), A("Yes.")], "rejected": [U("R?"), A("No.")]},
            "empty_tail": {"chosen": [U("Q?"), A("Yes.")], "rejected": [U("Q?")]},
-           "two_message_tail": {"chosen": [U("Q?"), A("Yes."), U("More?"), A("Sure.")], "rejected": [U("Q?"), A("No.")]},
+           "two_message_tail": {"chosen": [U("Q?"), A("Yes."), U("More?"), A("Sure.")],
+                                "rejected": [U("Q?"), A("No.")]},
            "strings_without_prompt": {"chosen": "Yes.", "rejected": "No."},
            "null_prompt": {"prompt": None, "chosen": "Yes.", "rejected": "No."},
            "number_response": {"prompt": "Q?", "chosen": 7, "rejected": "No."},
@@ -77,3 +78,21 @@ def test_pairs_that_cannot_be_read_are_one_line_naming_the_row(tmp_path, case, e
         rows_of([first, bad], tmp_path)
     assert expect in str(e.value), str(e.value)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_implicit_prompt_pairs_train_through_stage_3(tmp_path, model_path):
+    """End to end: a TRL implicit-prompt JSONL (no prompt column) trains on the quickstart config."""
+    from conftest import REPO, run_stage
+
+    talk = [{"role": "system", "content": "Answer in one short sentence."}]
+    rows = [{"chosen": talk + [U(f"What is {i} plus {i}?"), A(f"{2 * i}.")],
+             "rejected": talk + [U(f"What is {i} plus {i}?"), A(f"I think it might be {2 * i + 1}, or so.")]}
+            for i in range(4)]
+    pairs = tmp_path / "implicit.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run_stage("03_dpo_train/train.py", REPO / "configs/quickstart/03_dpo_train.yaml", f"train_path={pairs}",
+                     f"output_dir={tmp_path / 'out'}", "num_epochs=1", "eval_steps=0", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "out" / "03_dpo_train" / "manifest.json").read_text())
+    assert manifest["rows"]["pairs_trained"] == 4, manifest["rows"]
