@@ -73,7 +73,7 @@ def load_prompts(data: DataConfig, prompt: PromptConfig, where: str) -> tuple[li
         if not source.strip():
             empty += 1  # an empty text makes no prompt
             continue
-        if "id" in data.columns and _is_null(rec[data.columns["id"]]):
+        if "id" in data.columns and is_null(rec[data.columns["id"]]):
             raise UserError(f"{where}: {data.path} row {i}: id column '{data.columns['id']}' is null; give every row "
                             f"an id, or drop `id` from data.columns to derive ids from the texts")
         pid = str(rec[data.columns["id"]]) if "id" in data.columns else \
@@ -91,12 +91,13 @@ def load_prompts(data: DataConfig, prompt: PromptConfig, where: str) -> tuple[li
     return rows, empty
 
 
-def _is_null(x) -> bool:
-    return x is None or (isinstance(x, float) and x != x)
+def is_null(x) -> bool:
+    """A missing cell as pandas hands it over: None, NaN or pd.NA."""
+    return x is None or x is pd.NA or (isinstance(x, float) and x != x)
 
 
 def _text(x, col: str, row: int, where: str, path: str) -> str:
-    if _is_null(x):
+    if is_null(x):
         return ""  # an empty text: dropped and counted
     if not isinstance(x, (str, int, float)):
         raise UserError(f"{where}: {path} row {row}: column '{col}' holds a {type(x).__name__}, not a text; map "

@@ -17,7 +17,7 @@ import pandas as pd
 from common import schema as S
 from common.capacity import describe, pool_balance
 from common.config import FSDP_WORDS, DPOStageConfig, resolve
-from common.data import num_blocks, read_table
+from common.data import is_null, num_blocks, read_table
 from common.errors import UserError
 from common.io import fingerprint
 from common.ray_setup import Ask
@@ -101,7 +101,7 @@ def _messages(x, role: str, col: str, row: int, where: str) -> list[dict]:
     if isinstance(x, list) and x and all(isinstance(m, dict) and isinstance(m.get("content"), str)
                                          and isinstance(m.get("role"), str) for m in x):
         return [{"role": m["role"], "content": m["content"]} for m in x]
-    got = "null" if x is None or x != x else f"{type(x).__name__} {str(x)[:40]!r}"
+    got = "null" if is_null(x) else f"{type(x).__name__} {str(x)[:40]!r}"
     raise UserError(f"{where}: row {row}: column '{col}' is {got}; expected a string or a non-empty list of "
                     f"{{role, content}} messages (TRL's standard or conversational format); fix or remove that row")
 
@@ -181,7 +181,7 @@ def _rows(df: pd.DataFrame, where: str, if_empty: str) -> list[dict]:
         else:
             prompt = _messages(rec[S.PROMPT], "user", S.PROMPT, i, where)
         pid = rec.get(S.PAIR_ID)
-        if pid is None or pid != pid or pid == "":  # a null id (NaN in pandas) is no id: hash the pair instead
+        if is_null(pid) or pid == "":  # a null id (NaN in pandas) is no id: hash the pair instead
             pid = hashlib.sha1(json.dumps([prompt, chosen, rejected], sort_keys=True).encode()).hexdigest()[:16]
         rows.append({S.PAIR_ID: str(pid), S.PROMPT: prompt, S.CHOSEN: chosen, S.REJECTED: rejected})
     return rows
