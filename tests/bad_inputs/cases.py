@@ -3,15 +3,14 @@ config, the small input files the run needs (written into a fresh folder) and th
 must hold; `shows` and `what` are its row in docs/reliability.md. A case with `covered_by` instead is tested elsewhere
 (it needs a real earlier stage or a training run) and only listed in the table.
 
-Keys: stage, what, shows, expect (a substring, or a list of them), exit (default 2), slow (starts Ray: the full run only), config (default
-configs/quickstart/<stage>.yaml), set, args, files ({relative path: text}), files_latin1, dirs, chmod ({path: octal}),
-model_copy ({config: text, weights: bool}: the embedded model linked into {tmp}/model), setup (stage_2 / stages_2_3:
-complete fake 02_judge (and 03_dpo_train) outputs in {out}), also (other tests), covered_by.
+Keys: stage, what, shows, expect (a substring, or a list of them), exit (default 2), slow (starts Ray: the full
+run only), config (default configs/quickstart/<stage>.yaml), set, args, files ({relative path: text}), files_latin1,
+dirs, model_copy ({config: text, weights: bool}: the embedded model linked into {tmp}/model), setup (stage_2 or
+stages_2_3: complete fake 02_judge (and 03_dpo_train) outputs in {out}), also (other tests), covered_by.
 Placeholders in config/set/args: {tmp} (the case's folder), {out} (its output_dir), {repo}.
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -50,8 +49,6 @@ def prepare(case: dict, tmp: Path) -> list[str]:
         _model_copy(tmp / "model", **case["model_copy"])
     if case.get("setup"):
         _fake_stages(tmp / "out", with_stage_3=case["setup"] == "stages_2_3")
-    for rel, mode in case.get("chmod", {}).items():
-        os.chmod(tmp / rel, int(str(mode), 8))
     config = fill(case.get("config", f"configs/quickstart/{case['stage']}.yaml"), tmp)
     cmd = [sys.executable, str(REPO / SCRIPTS[case["stage"]]), "--config", config]
     sets = [fill(s, tmp) for s in case.get("set", [])]
