@@ -66,6 +66,11 @@ class PromptConfig(Base):
     def _has_text(cls, v):
         if "{text}" not in v:
             raise ValueError("the template must contain {text}")
+        try:  # {text} is the only placeholder: a column name in braces would fail on the first row, after Ray starts
+            v.format(text="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"the template can only use {{text}}, not {{{e.args[0] if e.args else ''}}} (write "
+                             f"literal braces as {{{{ }}}})") from None
         return v
 
 
@@ -128,6 +133,14 @@ class GenerateConfig(StageBase):
     model: ModelConfig = ModelConfig()
     engine: EngineConfig = EngineConfig()
     sampling: SamplingConfig = SamplingConfig()
+
+    @model_validator(mode="after")
+    def _room_for_a_prompt(self):
+        if self.sampling.max_tokens >= self.model.max_model_len:
+            raise ValueError(f"sampling.max_tokens ({self.sampling.max_tokens}) leaves no room for a prompt within "
+                             f"model.max_model_len ({self.model.max_model_len}); lower sampling.max_tokens or raise "
+                             f"model.max_model_len")
+        return self
 
 
 # ---------------------------------------------------------------- stage 2
@@ -668,16 +681,17 @@ def load_config(stage: str, path: str, overrides: list[str] = ()) -> StageBase:
     schema = STAGES[stage]
     raw = _read_yaml(path, stage)
     for item in overrides:
+        shown = item.replace("\n", "\\n")  # a value with a newline stays on the one error line
         if "=" not in item:
-            raise UserError(f"--set {item}: expected key.sub=value (e.g. --set preference_tuning_config.beta=0.05)")
+            raise UserError(f"--set {shown}: expected key.sub=value (e.g. --set preference_tuning_config.beta=0.05)")
         k, v = item.split("=", 1)
         if not v.strip():  # `--set train_path=` would silently mean "" (often: fall back to a default)
-            raise UserError(f"--set {item}: no value for '{k.strip()}'; give one, or --set {k.strip()}=null to unset "
+            raise UserError(f"--set {shown}: no value for '{k.strip()}'; give one, or --set {k.strip()}=null to unset "
                             f"it, or --set '{k.strip()}=\"\"' for an empty string")
         try:
             value = yaml.safe_load(v)
         except yaml.YAMLError:
-            raise UserError(f"--set {item}: the value is not valid YAML; quote it, e.g. --set '{k}=\"...\"'") from None
+            raise UserError(f"--set {shown}: the value is not valid YAML; quote it, e.g. --set '{k}=\"...\"'") from None
         _set_dotted(raw, k.strip(), value, path)
     scalars = {k: v for k, v in raw.items() if isinstance(v, (str, int, float))}
     scalars.setdefault("output_dir", schema.model_fields["output_dir"].default)

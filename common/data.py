@@ -32,6 +32,11 @@ def read_table(path: Path, where: str) -> pd.DataFrame:
     try:
         if path.suffix == ".parquet":
             return pd.read_parquet(path)
+    except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise UserError(f"{where}: cannot read {path}: it is not a Parquet file ({str(e).splitlines()[0][:80]}); "
+                        f"give a .parquet written by pandas/pyarrow, or name it .jsonl if it holds JSON "
+                        f"lines") from None
+    try:
         if path.suffix in (".jsonl", ".json"):
             return pd.read_json(path, lines=path.suffix == ".jsonl", dtype=False)
     except ValueError as e:
@@ -57,17 +62,20 @@ def load_prompts(data: DataConfig, prompt: PromptConfig, where: str) -> tuple[li
         raise UserError(f"{where}: data.columns maps {', '.join(missing)} but {data.path} has columns "
                         f"{list(df.columns)}; fix data.columns")
     rows, empty = [], 0
-    for rec in df.to_dict("records"):
+    for i, rec in enumerate(df.to_dict("records"), start=1):
         if "messages" in data.columns:
-            messages = [{"role": m["role"], "content": m["content"]} for m in rec[data.columns["messages"]]]
+            messages = _messages(rec[data.columns["messages"]], data.columns["messages"], i, where, data.path)
             source = messages[-1]["content"]
         else:
-            source = str(rec[data.columns["text"]] or "")
+            source = _text(rec[data.columns["text"]], data.columns["text"], i, where, data.path)
             messages = ([{"role": "system", "content": prompt.system}] if prompt.system else []) + [
                 {"role": "user", "content": prompt.template.format(text=source)}]
         if not source.strip():
             empty += 1  # an empty text makes no prompt
             continue
+        if "id" in data.columns and is_null(rec[data.columns["id"]]):
+            raise UserError(f"{where}: {data.path} row {i}: id column '{data.columns['id']}' is null; give every row "
+                            f"an id, or drop `id` from data.columns to derive ids from the texts")
         pid = str(rec[data.columns["id"]]) if "id" in data.columns else \
             hashlib.sha1(source.encode()).hexdigest()[:12]
         ref = str(rec.get(data.columns.get("reference", ""), "") or "") if "reference" in data.columns else ""
@@ -81,6 +89,30 @@ def load_prompts(data: DataConfig, prompt: PromptConfig, where: str) -> tuple[li
         what = f"column '{data.columns['id']}' repeats" if "id" in data.columns else "the data repeats texts, ids"
         raise UserError(f"{where}: prompt ids must be unique but {what} {dups[:3]}; deduplicate {data.path}")
     return rows, empty
+
+
+def is_null(x) -> bool:
+    """A missing cell as pandas hands it over: None, NaN or pd.NA."""
+    return x is None or x is pd.NA or (isinstance(x, float) and x != x)
+
+
+def _text(x, col: str, row: int, where: str, path: str) -> str:
+    if is_null(x):
+        return ""  # an empty text: dropped and counted
+    if not isinstance(x, (str, int, float)):
+        raise UserError(f"{where}: {path} row {row}: column '{col}' holds a {type(x).__name__}, not a text; map "
+                        f"data.columns.text to a string column (ready-made chat messages go in data.columns.messages)")
+    return str(x)
+
+
+def _messages(x, col: str, row: int, where: str, path: str) -> list[dict]:
+    x = x.tolist() if hasattr(x, "tolist") else x  # parquet hands lists over as numpy arrays
+    if not (isinstance(x, list) and x and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                              and isinstance(m.get("content"), str) for m in x)):
+        raise UserError(f"{where}: {path} row {row}: column '{col}' must be a non-empty list of {{role, content}} "
+                        f"chat messages, got {type(x).__name__} {str(x)[:40]!r}; map a text column with "
+                        f"data.columns.text instead")
+    return [{"role": m["role"], "content": m["content"]} for m in x]
 
 
 def num_blocks(rows: int, actors: int, per_worker: int = 4) -> int:

@@ -16,7 +16,7 @@ import pandas as pd
 from common import schema as S
 from common.capacity import describe, pool_balance
 from common.config import FSDP_WORDS, DPOStageConfig, resolve
-from common.data import num_blocks, read_table
+from common.data import is_null, num_blocks, read_table
 from common.errors import UserError
 from common.io import fingerprint
 from common.ray_setup import Ask
@@ -90,10 +90,37 @@ def resolve_gpus(cfg: DPOStageConfig, cluster_gpus: float) -> tuple[DPOStageConf
     return cfg, f"GPUs auto: the cluster has {cluster_gpus:g} GPU(s) -> {where}"
 
 
-def _as_messages(x, role: str) -> list[dict]:
+def _messages(x, role: str, col: str, row: int, where: str) -> list[dict]:
+    """One cell as chat messages: a string is one message of `role` (TRL's standard format), a list of
+    {role, content} is taken as is (conversational). Anything else is named with its row."""
     if isinstance(x, str):
         return [{"role": role, "content": x}]
-    return [{"role": m["role"], "content": m["content"]} for m in x]
+    if hasattr(x, "tolist"):
+        x = x.tolist()  # parquet hands lists over as numpy arrays
+    if isinstance(x, list) and x and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                         and isinstance(m.get("role"), str) for m in x):
+        return [{"role": m["role"], "content": m["content"]} for m in x]
+    got = "null" if is_null(x) else f"{type(x).__name__} {str(x)[:40]!r}"
+    raise UserError(f"{where}: row {row}: column '{col}' is {got}; expected a string or a non-empty list of "
+                    f"{{role, content}} messages (TRL's standard or conversational format); fix or remove that row")
+
+
+def split_implicit(chosen: list[dict], rejected: list[dict], row: int, where: str) -> tuple[list, list, list]:
+    """TRL's implicit-prompt format (trl.data_utils.extract_prompt): chosen and rejected are whole conversations;
+    the messages they share from the start are the prompt, what follows is each side's response."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    fix = "give a prompt column, or make chosen and rejected the same conversation up to one differing last reply"
+    if n == 0:
+        raise UserError(f"{where}: row {row}: chosen and rejected share no leading message, so there is no prompt "
+                        f"(implicit-prompt format: no prompt column); {fix}")
+    for side, tail in (("chosen", chosen[n:]), ("rejected", rejected[n:])):
+        if len(tail) != 1:
+            what = "nothing" if not tail else f"{len(tail)} messages"
+            raise UserError(f"{where}: row {row}: {side} has {what} after the messages it shares with the other "
+                            f"side; a pair needs exactly one reply on each side after the shared prompt; {fix}")
+    return chosen[:n], chosen[n:], rejected[n:]
 
 
 def load_pairs(cfg: DPOStageConfig, upstream: dict | None) -> tuple[list[dict], dict]:
@@ -135,18 +162,26 @@ def load_valid_pairs(cfg: DPOStageConfig, upstream: dict | None) -> tuple[list[d
 
 
 def _rows(df: pd.DataFrame, where: str, if_empty: str) -> list[dict]:
-    missing = [c for c in (S.PROMPT, S.CHOSEN, S.REJECTED) if c not in df.columns]
+    """TRL's three preference formats: standard (strings), conversational (messages) and implicit-prompt (no
+    prompt column; chosen and rejected are whole conversations sharing the prompt)."""
+    implicit = S.PROMPT not in df.columns
+    missing = [c for c in (S.CHOSEN, S.REJECTED) if c not in df.columns]
     if missing:
-        raise UserError(f"{where}: preference pairs need columns prompt, chosen, rejected (TRL format); missing "
-                        f"{missing}, found {list(df.columns)}")
+        raise UserError(f"{where}: preference pairs need columns prompt, chosen, rejected (TRL format; or chosen and "
+                        f"rejected alone as whole conversations); missing {missing}, found {list(df.columns)}")
     if df.empty:
         raise UserError(f"{where}: no pairs; {if_empty}")
     rows = []
-    for rec in df.to_dict("records"):
-        prompt = _as_messages(rec[S.PROMPT], "user")
-        chosen, rejected = _as_messages(rec[S.CHOSEN], "assistant"), _as_messages(rec[S.REJECTED], "assistant")
-        pid = rec.get(S.PAIR_ID) or hashlib.sha1(
-            json.dumps([prompt, chosen, rejected], sort_keys=True).encode()).hexdigest()[:16]
+    for i, rec in enumerate(df.to_dict("records"), start=1):
+        chosen = _messages(rec[S.CHOSEN], "assistant", S.CHOSEN, i, where)
+        rejected = _messages(rec[S.REJECTED], "assistant", S.REJECTED, i, where)
+        if implicit:
+            prompt, chosen, rejected = split_implicit(chosen, rejected, i, where)
+        else:
+            prompt = _messages(rec[S.PROMPT], "user", S.PROMPT, i, where)
+        pid = rec.get(S.PAIR_ID)
+        if is_null(pid) or pid == "":  # a null id (NaN in pandas) is no id: hash the pair instead
+            pid = hashlib.sha1(json.dumps([prompt, chosen, rejected], sort_keys=True).encode()).hexdigest()[:16]
         rows.append({S.PAIR_ID: str(pid), S.PROMPT: prompt, S.CHOSEN: chosen, S.REJECTED: rejected})
     return rows
 

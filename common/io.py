@@ -95,7 +95,9 @@ def read_manifest(folder: str | Path, stage: str) -> dict[str, Any]:
         raise UserError(f"{folder}: incomplete {stage} output (no manifest.json); {run}") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{mf}: corrupt manifest; rerun {stage} with --force") from None
-    if not isinstance(manifest, dict) or manifest.get("stage") != stage or manifest.get("status") != "complete":
+    if not isinstance(manifest, dict):
+        raise UserError(f"{mf} is not a JSON object; rerun {stage} with --force")
+    if manifest.get("stage") != stage or manifest.get("status") != "complete":
         m = manifest if isinstance(manifest, dict) else {}
         raise UserError(f"{folder}: not a complete {stage} output (manifest says stage={m.get('stage')}, "
                         f"status={m.get('status')}); {run}")
