@@ -18,7 +18,8 @@ def batch(model_path):
     pairs = [tokenize_pair(tok, [{"role": "user", "content": "Summarize.\n\n" + r["abstract"]}],
                            r["summary"].split(". ")[0], r["summary"], 1024, 768) for r in rows]
     col = lambda k: np.array([np.asarray(p[k]) for p in pairs] + [None], dtype=object)[:-1]  # noqa: E731
-    return {"prompt_ids": col("prompt_ids"), "chosen_ids": col("chosen_ids"), "rejected_ids": col("rejected_ids")}
+    return {"prompt_ids": col("prompt_ids"), "chosen_ids": col("chosen_ids"), "rejected_ids": col("rejected_ids"),
+            S.PAIR_ID: np.asarray([f"p{i}" for i in range(len(pairs))], dtype=object)}  # as stage 3's batches carry
 
 
 @pytest.mark.slow
