@@ -98,6 +98,6 @@ def test_stage_4_evaluates_the_trained_model_against_sft(chain, model_path):
     assert metrics["models_used"]["dpo"] == model and metrics["baseline"] == "sft"
     assert Path(metrics["models_used"]["sft"]).resolve() == Path(model_path).resolve()
     assert metrics["prompts"] == EVAL_PROMPTS == metrics["win_rate"]["dpo"]["n"]
-    assert ev["rows"] == {"responses": 2 * EVAL_PROMPTS}
+    assert ev["rows"] == {"responses": 2 * EVAL_PROMPTS, "references": EVAL_PROMPTS}  # the human summaries, judged
     report = (chain / "04_evaluate" / "report.md").read_text()
     assert "# Stage 4: dpo against sft" in report and "win rate vs sft" in report
