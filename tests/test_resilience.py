@@ -195,5 +195,7 @@ def test_evaluate_killed_part_way_and_rerun_judges_every_prompt_once(tmp_path, m
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     metrics = json.loads((tmp_path / "04_evaluate" / "metrics.json").read_text())
     judged = pd.read_parquet(tmp_path / "04_evaluate" / "data")
-    assert len(judged) == 3 * 2 and not judged.duplicated(["prompt_id", "model"]).any(), judged.columns.tolist()
+    # dpo, sft and the human summaries (judged too, for the judge's sanity check): each prompt once each
+    assert set(judged["model"]) == {"dpo", "sft", "human_reference"}, set(judged["model"])
+    assert len(judged) == 3 * 3 and not judged.duplicated(["prompt_id", "model"]).any(), judged.columns.tolist()
     assert metrics["win_rate"]  # the head-to-head was computed on the rerun
