@@ -44,11 +44,16 @@ class ReferenceStore:
     def write(self, df: pd.DataFrame) -> None:
         if not len(df):
             return
+        self._put(df[STORE_COLUMNS], self.tag)
+
+    def _put(self, df: pd.DataFrame, tag: str) -> Path:
+        """One new part, under a temporary name until complete."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        name = f"part-{self.tag}-{uuid.uuid4().hex}.parquet"
-        tmp = self.folder / f".{name}.tmp"
-        df[STORE_COLUMNS].to_parquet(tmp, index=False)
-        os.replace(tmp, self.folder / name)
+        name = self.folder / f"part-{tag}-{uuid.uuid4().hex}.parquet"
+        tmp = self.folder / f".{name.name}.tmp"
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, name)
+        return name
 
     def parts(self, tag: str | None = None) -> list[Path]:
         return sorted(self.folder.glob(f"part-{tag + '-' if tag else ''}*.parquet"))
@@ -67,10 +72,7 @@ class ReferenceStore:
         parts = self.parts()
         if len(parts) <= 1:
             return parts[0] if parts else None
-        df = self.read(parts)
-        name = self.folder / f"part-compact-{uuid.uuid4().hex}.parquet"
-        df.to_parquet(self.folder / f".{name.name}.tmp", index=False)
-        os.replace(self.folder / f".{name.name}.tmp", name)
+        name = self._put(self.read(parts), "compact")
         for p in parts:  # a crash before this ends leaves duplicates, which read() drops
             p.unlink(missing_ok=True)
         return name
