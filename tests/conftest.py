@@ -17,6 +17,21 @@ MODEL = REPO / "models" / "smollm2-135m-instruct"
 EMBEDDER = REPO / "models" / "all-MiniLM-L6-v2"
 
 
+def tiny_model(path: Path) -> Path:
+    """SmolLM2's config with 2 layers of width 64 (tied embeddings, its 49k vocabulary, its tokenizer), random
+    weights, fp32: for tests about how the parameters are laid out or averaged, not about their values."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(MODEL)
+    config.update({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "head_dim": 16, "dtype": "float32"})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    AutoTokenizer.from_pretrained(MODEL).save_pretrained(path)
+    return path
+
+
 def pytest_configure(config):
     """A test extra that is missing (or at another version than pinned) stops the run here, loudly: a test that
     skipped on it instead would pass CI without testing anything."""

@@ -1,9 +1,13 @@
-"""Data parallel for real: 2 Ray Train workers (gloo, fractional CPUs) on the embedded model.
+"""Data parallel for real: 2 Ray Train workers (gloo, fractional CPUs), the quickstart's stage 3.
 
 Two workers with one pair each are the same optimisation as one worker with both pairs: DDP averages the workers'
 gradients of their mean losses, which is the gradient of the mean over both pairs. With 2 pairs, every step's
 global batch is the whole data set whichever worker receives which pair, so the runs compare step by step. An epoch
 resumed on 2 workers is tested in tests/test_resilience.py.
+
+The model is SmolLM2's architecture shrunk to 2 layers of width 64 (conftest.tiny_model): averaging gradients is
+about the parameters' layout, not their values, and the 135M model's fp32 runs cost minutes more. The embedded model
+trains on 2 workers in tests/test_resilience.py.
 """
 import glob
 import json
@@ -13,7 +17,7 @@ import pytest
 
 from common import schema as S
 from common.io import read_manifest
-from conftest import REPO, run_stage
+from conftest import REPO, run_stage, tiny_model
 from test_dpo_stage import write_pairs
 
 pytestmark = pytest.mark.slow  # starts Ray / stage subprocesses: not in `scripts/test.sh --fast`
@@ -29,10 +33,11 @@ SETS = ["dtype=float32", "num_epochs=4", "learning_rate=1e-3", "warmup_steps=0",
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dp")
     pairs = write_pairs(tmp / "pairs.jsonl", 2)
+    model = tiny_model(tmp / "tiny")
     out = {}
     for name, workers, per_worker in (("one", 1, 2), ("two", 2, 1)):
         proc = run_stage(SCRIPT, CONFIG, f"train_path={pairs}", f"output_dir={tmp / name}",
-                         f"num_devices={workers}", f"train_batch_size_per_device={per_worker}", *SETS)
+                         f"model_id={model}", f"num_devices={workers}", f"train_batch_size_per_device={per_worker}", *SETS)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         out[name] = tmp / name
     return out

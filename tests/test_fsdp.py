@@ -7,7 +7,7 @@ same batches whatever order the shards come in: their curves may differ only by 
 
 The model is SmolLM2's architecture shrunk to 2 layers of width 64 with random weights (its tokenizer, built here with
 `from_config`): sharding is about the parameters' layout, not their values, and four 2-worker runs of the 135M model
-in fp32 take a quarter of an hour on 2 cores. The 135M model's 2-worker DDP path is tests/test_data_parallel.py.
+in fp32 take a quarter of an hour on 2 cores. The 135M model trains on 2 DDP workers in tests/test_resilience.py.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MODEL, REPO, run_stage
+from conftest import REPO, run_stage, tiny_model
 from test_dpo_stage import SCRIPT, write_pairs
 
 pytestmark = pytest.mark.slow  # four stage runs with 2 Ray Train workers each (Ray, seconds of compute)
@@ -40,20 +40,6 @@ RUNS = {"ddp_lora": ["strategy=ddp"], "fsdp_lora": [],
 # tests/test_data_parallel.py). Measured on this model: no gap at all, losses and final weights bit-equal. A sharded
 # gradient left unreduced, or a clip over the local shard's norm, moves the curve by far more than that.
 LOSS_TOL = 1e-5
-
-
-def tiny_model(path: Path) -> Path:
-    """SmolLM2's config with 2 layers of width 64 (tied embeddings, its 49k vocabulary), random weights, fp32."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(MODEL)
-    config.update({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-                   "num_key_value_heads": 2, "head_dim": 16, "dtype": "float32"})
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
-    AutoTokenizer.from_pretrained(MODEL).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,10 @@ class Cluster:
                     "RAY_memory_monitor_refresh_ms": "0",
                     # Ray 2.60 deletes a job's unpacked working dir from the head once the workers that used it
                     # there exit, while the job's driver still runs inside it. Ray's documented switch keeps it.
-                    "RAY_runtime_env_skip_local_gc": "1"}
+                    "RAY_runtime_env_skip_local_gc": "1",
+                    # Ray Train's wait for a worker group's resources, per attempt (60 s by default): shorter, so
+                    # the node-loss test sees several attempts fail while no A100 node is alive
+                    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}
         self.env.pop("RAY_ADDRESS", None)
         self.nodes: dict[str, subprocess.Popen] = {}
         self.gcs_port, self.dashboard_port = free_port(), free_port()
@@ -127,8 +130,22 @@ class Cluster:
 
     def kill_node(self, name: str) -> None:
         """Node loss: its raylet, agents and workers SIGKILLed at once, as when a machine disappears."""
-        self._killpg(self.nodes[name], signal.SIGKILL)
-        self.nodes[name].wait()
+        node = self.nodes.pop(name)
+        self._killpg(node, signal.SIGKILL)
+        node.wait()
+
+    def wait_gone(self, node_id: str, timeout: float = 300) -> None:
+        deadline = time.time() + timeout
+        while node_id in self.alive_nodes():
+            assert time.time() < deadline, f"node {node_id} still alive {timeout}s after its raylet was killed"
+            time.sleep(1)
+
+    def revive(self, name: str, timeout: float = 900) -> str:
+        """Capacity returns: a new node of the same kind joins (a new Ray node id, as a replacement machine has)."""
+        before = self.alive_nodes()
+        self._start(name, *self.specs[name])
+        (self.node_ids[name],) = set(self.wait_nodes(len(before) + 1, timeout)) - set(before)
+        return self.node_ids[name]
 
     def down(self) -> None:
         for p in self.nodes.values():
@@ -282,3 +299,48 @@ def test_losing_an_a10g_node_mid_pool_the_epoch_finishes_on_the_other(cluster, t
     assert max(r["step"] for r in rows) == 16 and m["stats"]["pairs_trained"] == 32
     cache = pd.read_parquet(m["reference_cache"])
     assert len(cache) == 32 and cache["pair_id"].is_unique
+
+
+def test_losing_the_a100_node_the_run_waits_and_resumes_from_its_checkpoint_when_capacity_returns(cluster, tmp_path):
+    """The trainers' node lost after step 3 (a checkpoint every 2 steps): with no A100 left, Ray Train keeps
+    rescheduling the worker group (worker-group start timeouts do not count against max_failures) and the job
+    waits. A new A100 node joins; the run resumes there from the step-2 checkpoint and trains every other pair
+    of the epoch exactly once."""
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 16)
+    out = tmp_path / "out"
+    ref = "preference_tuning_config.logprob_processor_scaling_config"
+    # Half an A10G per actor: the pool fits on one A10G node, in case the test before this one lost the other.
+    job = submit(cluster, out, pairs, f'{ref}.custom_resources={{"accelerator_type:A10G": 0.5}}',
+                 "checkpoint_every_n_steps=2", "max_failures=1", wait=False)
+    metrics = out / ".03_dpo_train.work" / "metrics.jsonl"
+    lost = cluster.node_ids["a100"]
+    try:
+        deadline = time.time() + 1200
+        while job.poll() is None and time.time() < deadline:
+            rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
+            if rows and rows[-1]["step"] >= 3:
+                break
+            time.sleep(0.3)
+        assert job.poll() is None, "the job ended before step 3"
+        cluster.kill_node("a100")
+        cluster.wait_gone(lost)
+        time.sleep(40)  # over two worker-group start attempts (15 s each, set in Cluster.env)
+        assert job.poll() is None, "the job gave up while no A100 node was alive"
+        assert lost not in cluster.alive_nodes()
+        new = cluster.revive("a100")
+        log, _ = job.communicate(timeout=1800)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, log[-5000:]
+    print(log[-20000:], file=open("/tmp/a100_job.log", "w"))
+    manifest = read_manifest(out / "03_dpo_train", "03_dpo_train")  # its paths resolved (written relative to out)
+    m = manifest["stats"]
+    assert set(m["trainer_node_ids"]) == {lost, new}, m["trainers"]  # both attempts ran on an A100 node
+    rows = [json.loads(line) for line in open(out / "03_dpo_train" / "metrics.jsonl")]
+    resumed = next(i for i, r in enumerate(rows) if "resumed_from_step" in r)
+    assert rows[resumed]["resumed_from_step"] == 2  # from the checkpoint, not from scratch
+    kept = [r for r in rows[:resumed] if r["step"] <= 2] + rows[resumed:]
+    assert [r["step"] for r in kept] == list(range(1, 9)) and sum(r["pairs"] for r in kept) == 16, kept
+    cache = pd.read_parquet(manifest["reference_cache"])
+    assert len(cache) == 16 and cache["pair_id"].is_unique
