@@ -98,15 +98,15 @@ def report(shape: dict, p: dict, *, pairs: int, tokens: int, params: float, mfu:
     tf = {g: NOMINAL_TFLOPS[g] for g in (t, r)}
     kind = ("LoRA" if shape["lora"] else "full fine-tuning") + (" + gradient checkpointing" if shape["gc"] else "")
     lines = [
-        f"Model {params:.3g} parameters; {pairs} pairs x {tokens} tokens (both sequences); {n} epochs; "
+        f"- Model {params:.3g} parameters; {pairs} pairs x {tokens} tokens (both sequences); {n} epochs; "
         f"utilisation {mfu:.0%} of nominal on every GPU.",
-        f"FLOPs per pair: policy step ({kind}: {shape['cost']}N a token) {p['step_flops']:.3g}; "
+        f"- FLOPs per pair: policy step ({kind}: {shape['cost']}N a token) {p['step_flops']:.3g}; "
         f"reference forward (2N a token) {p['ref_flops']:.3g}.",
-        *(f"{g}: {tf[g]} nominal bf16 TFLOPS, {tf[g] * mfu:.0f} at {mfu:.0%}; ${prices[g]:.3f} per GPU-hour, "
+        *(f"- {g}: {tf[g]} nominal bf16 TFLOPS, {tf[g] * mfu:.0f} at {mfu:.0%}; ${prices[g]:.3f} per GPU-hour, "
           f"${prices[g] / (tf[g] * mfu * 1e12 * 3600) * 1e18:.3f} per 1e18 FLOPs" for g in dict.fromkeys((t, r))),
-        f"Reference pool supply / trainer demand: {shape['balance'].supply_over_demand:.2f} ({shape['actors']} {r} "
-        f"actors, {shape['trainers']} {t} trainers; common.capacity); {shape['balance'].balanced_concurrency} "
-        f"actors balance them.",
+        f"- Reference pool supply / trainer demand: {shape['balance'].supply_over_demand:.2f} "
+        f"({shape['actors']} {r} actors, {shape['trainers']} {t} trainers; common.capacity); "
+        f"{shape['balance'].balanced_concurrency} actors balance them.",
         "",
         f"| setup | GPUs | epoch 1 | each later epoch | run ({n} epochs) | {t} GPU-h | {r} GPU-h | $ (run) |",
         "|---|---|---|---|---|---|---|---|",
@@ -116,19 +116,22 @@ def report(shape: dict, p: dict, *, pairs: int, tokens: int, params: float, mfu:
     label = {"ours": "ours (reference pool, epoch 1 only)", "TRL inline": "TRL inline reference",
              "TRL precompute": "TRL precompute_ref_log_probs"}
     for name, row in p["rows"].items():
-        lines.append(f"| {label[name]} | {gpus[name]} | {row['epoch1_h'] * 60:.1f} min | {row['later_h'] * 60:.1f} min "
-                     f"| {row['wall_h'] * 60:.1f} min | {row['trainer_gpu_h']:.2f} | {row['pool_gpu_h']:.2f} "
+        lines.append(f"| {label[name]} | {gpus[name]} | {row['epoch1_h'] * 60:.1f} min "
+                     f"| {row['later_h'] * 60:.1f} min | {row['wall_h'] * 60:.1f} min "
+                     f"| {row['trainer_gpu_h']:.2f} | {row['pool_gpu_h']:.2f} "
                      f"| ${row['dollars']:.2f} |")
     implied = (pairs * EXAMPLE_EPOCHS * p["step_flops"]
                / (EXAMPLE_HOURS * 3600 * EXAMPLE_A100_TRAINERS * NOMINAL_TFLOPS["A100"] * 1e12))
     lines += [
         "",
-        f"Ours costs what TRL precompute does when the {r} GPU-hour costs ${p['break_even_ref_price']:.2f} "
+        f"- Ours costs what TRL precompute does when the {r} GPU-hour costs ${p['break_even_ref_price']:.2f} "
         f"(list ${prices[r]:.3f}).",
-        f"A rerun of ours on the same pairs and reference reads the reference cache: {p['rerun_h'] * 60:.1f} min, "
-        f"{shape['trainers'] * p['rerun_h']:.2f} {t} GPU-h, ${p['rerun_dollars']:.2f}; TRL pays its reference again.",
-        f"Cross-check: the example's ~{EXAMPLE_HOURS:g} h for {EXAMPLE_EPOCHS} epochs on {EXAMPLE_A100_TRAINERS} A100 "
-        f"trainers (+2 A100 reference actors) implies {implied:.0%} utilisation with these pairs and tokens.",
+        f"- A rerun of ours on the same pairs and reference reads the reference cache: {p['rerun_h'] * 60:.1f} min, "
+        f"{shape['trainers'] * p['rerun_h']:.2f} {t} GPU-h, ${p['rerun_dollars']:.2f}; "
+        f"TRL pays its reference again.",
+        f"- Cross-check: the example's ~{EXAMPLE_HOURS:g} h for {EXAMPLE_EPOCHS} epochs on "
+        f"{EXAMPLE_A100_TRAINERS} A100 trainers (+2 A100 reference actors) implies {implied:.0%} utilisation "
+        f"with these pairs and tokens.",
     ]
     return "\n".join(lines)
 
