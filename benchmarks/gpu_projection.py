@@ -31,11 +31,12 @@ PARAMS = 7.24e9
 PAIRS, TOKENS_PER_PAIR = 10_000, 2_200
 # Model FLOPs utilisation, one value for every GPU. The example's own report (about 1 hour on 8 A100s: 6 trainers and
 # 2 reference actors in its configs/dpo-training/mistral_a100.yaml, 3 epochs) implies ~43% with the numbers above
-# (printed as a cross-check); PaLM reports 46% (Chowdhery et al. 2022, table 3), Megatron-LM 52% on A100s
+# (printed as a cross-check); PaLM reports 46% (Chowdhery et al. 2022), Megatron-LM 52% on A100s
 # (Narayanan et al. 2021). A LoRA fine-tune of a 7B model at batch 2 is not better tuned than those, so 40%.
 MFU = 0.40
 EXAMPLE_A100_TRAINERS, EXAMPLE_EPOCHS, EXAMPLE_HOURS = 6, 3, 1.0
-# On-demand list prices per GPU-hour, AWS us-east-1, Linux, from the instances.vantage.sh price data of 2026-01-21:
+# On-demand list prices per GPU-hour, AWS us-east-1, Linux, from instances.vantage.sh's price data as of 2026-01-21
+# (snapshot: github.com/tsaol/aws-gpu, data/all_gpu_instances.js):
 # p4d.24xlarge $21.957642/h for 8 A100-40GB (after AWS's June 2025 P4 price cut); g5.2xlarge $1.212/h for one A10G
 # (8 vCPUs, 32 GiB: room for a reference actor's 4 CPUs and the 14.5 GB of bf16 weights while loading; g5.xlarge,
 # $1.006, has 16 GiB). List prices vary by region and date; spot, reserved and negotiated prices are lower.
@@ -77,8 +78,8 @@ def project(shape: dict, *, pairs: int, tokens: int, params: float, mfu: float, 
     for name, (first, later) in rows.items():
         wall = first + (n - 1) * later
         trainer_h = shape["trainers"] * wall
-        pool_h = shape["ref_gpus"] * first if name == "ours" else 0.0  # the pool exits after epoch 1's pass
-        dollars = trainer_h * prices[shape["train_gpu"]] + pool_h * prices.get(shape["ref_gpu"], 0.0)
+        pool_h = shape["ref_gpus"] * first if name == "ours" else 0.0  # the pool works in epoch 1 only
+        dollars = trainer_h * prices[shape["train_gpu"]] + pool_h * prices[shape["ref_gpu"]]
         out["rows"][name] = {"epoch1_h": first, "later_h": later, "wall_h": wall, "trainer_gpu_h": trainer_h,
                              "pool_gpu_h": pool_h, "dollars": dollars}
     ours, pre = out["rows"]["ours"], out["rows"]["TRL precompute"]
