@@ -35,3 +35,21 @@ def test_cpu_estimate_from_the_bundles_and_unknown_gpus_give_none():
                        actor_resources=A10G, actor_cpus=0.5, actor_gpus=0, lora=True, gradient_checkpointing=False)
     assert cpu.supply_over_demand == pytest.approx(1.0)
     assert gpu(8, {"accelerator_type:TPU-v9": 1}, 4, A10G) is None
+
+
+def test_gpu_projection_of_the_shipped_config_prints_the_three_setups():
+    """benchmarks/gpu_projection.py on configs/gpu/03_dpo_train.yaml (8 A100 LoRA trainers with gradient
+    checkpointing, 12 A10G reference actors), 10k pairs of 2.2k tokens, 40% of nominal TFLOPS."""
+    from benchmarks.gpu_projection import main
+
+    text = main(["--config", "configs/gpu/03_dpo_train.yaml", "--pairs", "10000", "--tokens-per-pair", "2200",
+                 "--params", "7.24e9", "--mfu", "0.4"])
+    assert "reference forward (2N a token) 3.19e+13" in text  # 2 x 7.24e9 x 2200 = 3.1856e13 FLOPs a pair
+    assert "policy step (LoRA + gradient checkpointing: 6N a token) 9.56e+13" in text
+    rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and "setup" not in line]
+    assert rows == ["| ours (reference pool, epoch 1 only)", "| TRL inline reference", "| TRL precompute_ref_log_probs"]
+    # an epoch of policy steps: 10000 x 9.5568e13 FLOPs / (8 x 312e12 x 0.4 FLOP/s) = 957 s; the pool keeps up
+    # (supply 12 x 70 x 6 / (2 x 8 x 312) = 1.01), so epoch 1 takes as long; TRL inline pays 8N/6N of it every epoch
+    assert "| 8 A100 + 12 A10G | 16.0 min | 16.0 min | 47.9 min |" in text
+    assert "| 8 A100 | 21.3 min | 21.3 min | 63.8 min |" in text
+    assert "supply / trainer demand: 1.01" in text
