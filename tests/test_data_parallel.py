@@ -56,10 +56,10 @@ def adapter(run_dir):
 def test_two_workers_follow_the_one_worker_loss_curve(runs):
     """Tolerance: the loss is computed from the same fp32 weights up to float-sum order, ~1e-7 relative a step; 1e-5
     leaves room for four steps of it. A pair trained twice, or gradients summed instead of averaged, moves the
-    loss by far more (the curve falls from 0.69 towards 0 in these four steps)."""
+    loss by far more (the curve falls by about 0.1 in these four steps)."""
     one, two = metrics(runs["one"]), metrics(runs["two"])
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
-    assert one[-1]["loss"] < one[0]["loss"] - 0.3  # it really trained
+    assert one[-1]["loss"] < one[0]["loss"] - 0.05  # it really trained: not two flat lines compared
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
         assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], abs=1e-3)
