@@ -41,8 +41,9 @@ REFERENCE_SYSTEM = "human_reference"
 # judge type -> what its SCORE is, in words (for report.md)
 SCORE_MEANING = {
     "similarity": "faithfulness: cosine similarity of the response's and the source's MiniLM embeddings "
-                  "(about 0.8 for a good summary of the abstract, about 0.3 for another paper's summary); "
-                  "length is not part of it",
+                  "(about 0.8 for a good summary of the abstract, about 0.3 for another paper's summary) "
+                  "minus {copy_penalty:g} x the share of the response's 4-grams found in the source (a copy of the "
+                  "source: 1); length is not part of it",
     "quiz": "correct answers (0-{num_questions}) when the judge answers its own multiple-choice questions "
             "about the source from the response alone",
     "rubric": "the judge's 1-{scale_max} rating of faithfulness and concision",
@@ -410,7 +411,8 @@ def write_report(path: Path, *, metrics: dict, names: list[str], dpo: str, df: p
     base = metrics["baseline"]
     table = markdown_table(header(names, base), table_rows(metrics, judge, filters, pairing, names))
     meaning = SCORE_MEANING[judge.type].format(num_questions=judge.quiz.num_questions,
-                                               scale_max=judge.rubric.scale_max)
+                                               scale_max=judge.rubric.scale_max,
+                                               copy_penalty=judge.similarity.copy_penalty)
     rule = pairing_rule_text(pairing)
     rule_name = "stage 2's pairing rule (the rule that built the training pairs)" if from_stage2 else \
         "the pairing rule of this config"

@@ -1,0 +1,114 @@
+"""The similarity judge's copy penalty on ACLSum's validation split: can a copy of the abstract still win?
+
+    .venv/bin/python benchmarks/judge_copy.py                  # the table of docs/stage2.md (~20 s on 2 cores)
+    .venv/bin/python benchmarks/judge_copy.py --generate 2     # + 2 SFT-model candidates per abstract (~5 min)
+
+SCORE = cosine(response, abstract) - copy_penalty * copy_fraction(response, abstract), as the similarity judge
+computes it (common/judges/similarity.py: MiniLM, normalized embeddings; common.metrics.copy_fraction: the share of
+the response's 4-grams found in the abstract). For each validation abstract it scores: ACLSum's human summary, the
+abstract verbatim, its first half (by words), the abstract behind the prefix the DPO model learned ("The abstract is
+summarized as follows: "), and its first sentence; with `--generate K`, also K samples of the SFT model
+(models/smollm2-135m-instruct, HF generate with stage 1's template and sampling) — what stage 2 actually pairs.
+Per text kind and penalty: mean and 10th percentile of SCORE, the share at or above `quality_threshold` (counts as
+faithful), and the share that loses to the human summary under common.pairing.decide with the quickstart's rule.
+Validation split only: the penalty is chosen here, never on test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common.config import REPO, load_config  # noqa: E402
+from common.judges.similarity import penalized  # noqa: E402
+from common.metrics import copy_fraction  # noqa: E402
+from common.pairing import decide  # noqa: E402
+
+PREFIX = "The abstract is summarized as follows: "
+PENALTIES = (0.0, 0.3, 0.5, 0.7)
+
+
+def kinds(rows: list[dict]) -> dict[str, list[str]]:
+    ab = [r["abstract"] for r in rows]
+    return {
+        "human summary": [r["summary"] for r in rows],
+        "abstract verbatim": ab,
+        "abstract, first half": [" ".join(a.split()[:len(a.split()) // 2]) for a in ab],
+        "prefix + abstract": [PREFIX + a for a in ab],
+        "abstract, first sentence": [a.split(". ")[0].rstrip(".") + "." for a in ab],
+    }
+
+
+def sft_samples(rows: list[dict], k: int, gen_cfg) -> list[tuple[int, str]]:
+    """(row index, text): k samples per abstract from the SFT model, stage 1's template and sampling, seeded."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(gen_cfg.sampling.seed)
+    path = str(REPO / gen_cfg.model.path)
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
+    out = []
+    for i, r in enumerate(rows):
+        msgs = [{"role": "user", "content": gen_cfg.prompt.template.format(text=r["abstract"])}]
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=False)
+        with torch.no_grad():
+            gen = model.generate(ids, do_sample=True, temperature=gen_cfg.sampling.temperature,
+                                 top_p=gen_cfg.sampling.top_p, max_new_tokens=gen_cfg.sampling.max_tokens,
+                                 num_return_sequences=k, pad_token_id=tok.eos_token_id)
+        out += [(i, tok.decode(g[ids.shape[1]:], skip_special_tokens=True).strip()) for g in gen]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--generate", type=int, default=0, help="SFT-model samples per abstract (0 = none)")
+    ap.add_argument("--out", default=str(REPO / "benchmarks/results/judge_copy.json"))
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    judge_cfg = load_config("02_judge", str(REPO / "configs/quickstart/02_judge.yaml"), [])
+    rule = judge_cfg.pairing
+    rows = [json.loads(line) for line in open(REPO / "data/aclsum/val.jsonl")]
+    texts = {k: list(enumerate(v)) for k, v in kinds(rows).items()}
+    if args.generate:
+        gen_cfg = load_config("01_generate", str(REPO / "configs/quickstart/01_generate.yaml"), [])
+        texts[f"SFT model sample ({args.generate} per abstract)"] = sft_samples(rows, args.generate, gen_cfg)
+
+    model = SentenceTransformer(str(REPO / judge_cfg.judge.similarity.embedder), device="cpu")
+    src = model.encode([r["abstract"] for r in rows], normalize_embeddings=True)
+
+    def scored(pairs):  # (cosine, copy fraction, words) per text
+        idx = [i for i, _ in pairs]
+        emb = model.encode([t for _, t in pairs], normalize_embeddings=True)
+        cos = np.einsum("ij,ij->i", emb, src[idx])
+        cp = np.array([copy_fraction(t, rows[i]["abstract"]) or 0.0 for i, t in pairs])
+        return idx, cos, cp, np.array([len(t.split()) for _, t in pairs])
+
+    parts = {k: scored(v) for k, v in texts.items()}
+    _, h_cos, h_cp, h_words = parts["human summary"]
+    result = {"split": "val", "abstracts": len(rows), "quality_threshold": rule.quality_threshold, "kinds": {}}
+    print(f"| text | copy (4-grams) | words | penalty | mean | p10 | ≥ {rule.quality_threshold:g} | loses to human |")
+    print("|---|---|---|---|---|---|---|---|")
+    for kind, (idx, cos, cp, words) in parts.items():
+        result["kinds"][kind] = {"n": len(idx), "copy_mean": float(cp.mean()), "words_mean": float(words.mean())}
+        for p in PENALTIES:
+            s = np.array([penalized(x, c, p) for x, c in zip(cos, cp)])
+            h = np.array([penalized(x, c, p) for x, c in zip(h_cos, h_cp)])
+            loses = np.mean([decide(s[j], words[j], h[i], h_words[i], rule)[0] < 0 for j, i in enumerate(idx)])
+            stats = {"mean": float(s.mean()), "p10": float(np.percentile(s, 10)),
+                     "faithful": float(np.mean(s >= rule.quality_threshold)), "loses_to_human": float(loses)}
+            result["kinds"][kind][f"penalty_{p:g}"] = stats
+            print(f"| {kind} | {cp.mean():.2f} | {words.mean():.0f} | {p:g} | {stats['mean']:.3f} | {stats['p10']:.3f}"
+                  f" | {stats['faithful']:.0%} | {'—' if kind == 'human summary' else f'{loses:.0%}'} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
