@@ -192,6 +192,11 @@ def _num(x, digits=3) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
 
+def _similarity_name(judge: JudgeConfig) -> str:
+    p = judge.similarity.copy_penalty
+    return f" (faithfulness - {p:g} x copy share)" if p else " (faithfulness)"
+
+
 def table_rows(metrics: dict, judge: JudgeConfig, filters: FilterConfig, pairing: PairingConfig,
                names: list[str]) -> list[list[str]]:
     """Metric x model, like the Anyscale example's table, with the win-rate rows on top."""
@@ -210,7 +215,7 @@ def table_rows(metrics: dict, judge: JudgeConfig, filters: FilterConfig, pairing
         row(f"win rate vs {base} [95% CI]", win),
         row("wins / ties / losses", lambda n: f"{wr[n]['wins']} / {wr[n]['ties']} / {wr[n]['losses']}"
             if n in wr and "wins" in wr[n] else "—"),
-        row("mean judge score" + (" (faithfulness)" if judge.type == "similarity" else ""),
+        row("mean judge score" + (_similarity_name(judge) if judge.type == "similarity" else ""),
             lambda n: _num(models[n].get("mean_score"))),
     ]
     for t in quality_thresholds(judge, pairing):
@@ -370,7 +375,7 @@ def embedder(judge: JudgeConfig):
 
     if not interactive():  # the weight-loading bar is carriage-return debris in a log file
         hf_logging.disable_progress_bar()
-    model = _Embedder(str(path), judge.similarity.batch_size).model
+    model = _Embedder(str(path), judge.similarity.batch_size, judge.similarity.copy_penalty).model
     return lambda texts: model.encode(list(texts), normalize_embeddings=True,
                                       batch_size=judge.similarity.batch_size, show_progress_bar=False)
 

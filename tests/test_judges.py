@@ -256,6 +256,34 @@ def test_a_copy_of_the_abstract_loses_to_the_human_summary():
     assert half_wins > len(papers) / 2, f"without the penalty the first half won only {half_wins}/{len(papers)}"
 
 
+def test_stage4_judges_with_the_copy_penalty_of_stage2(tmp_path):
+    """Stage 4 takes the judge from stage 2's manifest, penalty included; a manifest from before the penalty
+    existed (no copy_penalty key) judged by cosine alone, so stage 4 does too (penalty 0)."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from common.io import StageOutput
+
+    spec = importlib.util.spec_from_file_location("evaluate", REPO / "04_evaluate/evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    cfg = load_config("02_judge", str(REPO / "configs/quickstart/02_judge.yaml"), [f"output_dir={tmp_path}"])
+    out = StageOutput(cfg, "02_judge")
+    out.begin()
+    pd.DataFrame({S.PAIR_ID: ["p0"], S.PROMPT_ID: ["x"]}).to_parquet(out.data / "pairs.parquet")
+    folder = out.commit(rows={"pairs": 1})["dir"]
+    stage4 = SimpleNamespace(judge_dir=folder)
+    judge = evaluate.judge_settings(stage4, "04.yaml", dry_run=False)[0]
+    assert judge.similarity.copy_penalty == QUICKSTART.judge.similarity.copy_penalty > 0
+    mf = tmp_path / "02_judge" / "manifest.json"
+    m = json.loads(mf.read_text())
+    del m["config"]["judge"]["similarity"]["copy_penalty"]
+    mf.write_text(json.dumps(m))
+    assert evaluate.judge_settings(stage4, "04.yaml", dry_run=False)[0].similarity.copy_penalty == 0.0
+
+
 # ---------------------------------------------------------------- the similarity judge on real data
 def _scores(ray, judge_cfg, rows):
     ds = ray.data.from_items(rows, override_num_blocks=2)
