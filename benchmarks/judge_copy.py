@@ -128,6 +128,17 @@ def main() -> None:
                         branch[kind if v else "tie"] += 1
             result["kinds"][sft][f"penalty_{p:g}"]["pairs"] = branch
             print(f"  penalty {p:g}: {branch['quality']} / {branch['length']} / {branch['tie']}")
+        # Stage 4's situation: a model that copies against the SFT model, on the same abstract.
+        print(f"\n{PREFIX!r} + abstract vs an {sft} of the same abstract (copy wins / ties / loses):")
+        _, c_cos, c_cp, c_words = parts["prefix + abstract"]
+        for p in PENALTIES:
+            s = [penalized(x, c, p) for x, c in zip(cos, cp)]
+            c = [penalized(x, k, p) for x, k in zip(c_cos, c_cp)]
+            v = [decide(c[i], c_words[i], s[j], words[j], rule)[0] for j, i in enumerate(idx)]
+            wtl = [sum(x > 0 for x in v), sum(x == 0 for x in v), sum(x < 0 for x in v)]
+            result["kinds"]["prefix + abstract"][f"penalty_{p:g}"]["vs_sft_wins_ties_losses"] = wtl
+            print(f"  penalty {p:g}: {wtl[0]} / {wtl[1]} / {wtl[2]}")
+        result["sft_samples"] = [{"id": rows[i]["id"], "text": t} for i, t in texts[sft]]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

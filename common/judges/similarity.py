@@ -6,7 +6,7 @@ The cosine is about 0.8 for a good summary of an ACLSum abstract and about 0.3 f
 for the abstract itself: alone it makes a copy the best summary, and a DPO model trained on it learns to copy.
 copy_fraction (common.metrics, the report's copy share) is the share of the response's 4-grams found in the source:
 ~0.07 for ACLSum's human summaries, 1.0 for a copy, so with the default penalty (0.5) a copy scores ~0.5, below the
-quickstart's quality_threshold, and loses to any faithful paraphrase (table and choice: docs/stage2.md).
+quickstart's quality_threshold, and loses to a faithful summary in other words (table, choice: docs/stage2.md).
 Length is not folded into the score: the pairing rule (common.pairing) weighs it, with `quality_threshold` as the
 score below which a response counts as unfaithful, so one rule decides both the training pairs and the stage-4 win
 rate.
