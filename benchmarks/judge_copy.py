@@ -1,7 +1,8 @@
 """The similarity judge's copy penalty on ACLSum's validation split: can a copy of the abstract still win?
 
     .venv/bin/python benchmarks/judge_copy.py                  # the table of docs/stage2.md (~20 s on 2 cores)
-    .venv/bin/python benchmarks/judge_copy.py --generate 2     # + 2 SFT-model candidates per abstract (~5 min)
+    .venv/bin/python benchmarks/judge_copy.py --generate 2     # + 2 SFT-model candidates per abstract (~10 min)
+    .venv/bin/python benchmarks/judge_copy.py --samples benchmarks/results/judge_copy.json   # reuse them
 
 SCORE = cosine(response, abstract) - copy_penalty * copy_fraction(response, abstract), as the similarity judge
 computes it (common/judges/similarity.py: MiniLM, normalized embeddings; common.metrics.copy_fraction: the share of
@@ -67,6 +68,7 @@ def sft_samples(rows: list[dict], k: int, gen_cfg) -> list[tuple[int, str]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--generate", type=int, default=0, help="SFT-model samples per abstract (0 = none)")
+    ap.add_argument("--samples", help="reuse the SFT samples (sft_samples) of an earlier --generate run's JSON")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/judge_copy.json"))
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -76,7 +78,12 @@ def main() -> None:
     rule = judge_cfg.pairing
     rows = [json.loads(line) for line in open(REPO / "data/aclsum/val.jsonl")]
     texts = {k: list(enumerate(v)) for k, v in kinds(rows).items()}
-    if args.generate:
+    if args.samples:
+        at = {r["id"]: i for i, r in enumerate(rows)}
+        saved = json.loads(Path(args.samples).read_text())["sft_samples"]
+        args.generate = len(saved) // len(rows)
+        texts[f"SFT model sample ({args.generate} per abstract)"] = [(at[x["id"]], x["text"]) for x in saved]
+    elif args.generate:
         gen_cfg = load_config("01_generate", str(REPO / "configs/quickstart/01_generate.yaml"), [])
         texts[f"SFT model sample ({args.generate} per abstract)"] = sft_samples(rows, args.generate, gen_cfg)
 
@@ -117,17 +124,21 @@ def main() -> None:
     if args.generate:  # what stage 2 would make of the samples: pairs among each abstract's samples, by branch
         sft = f"SFT model sample ({args.generate} per abstract)"
         idx, cos, cp, words = parts[sft]
-        print(f"\n{sft}, pairs among one abstract's samples (quality / length / tie):")
+        print(f"\n{sft}, pairs among one abstract's samples: quality / length / tie; chosen - rejected copy share")
         for p in PENALTIES:
             s = [penalized(x, c, p) for x, c in zip(cos, cp)]
-            branch = {"quality": 0, "length": 0, "tie": 0}
+            branch, copy_gap = {"quality": 0, "length": 0, "tie": 0}, []
             for a in range(len(idx)):
                 for b in range(a + 1, len(idx)):
                     if idx[a] == idx[b]:
                         v, kind = decide(s[a], words[a], s[b], words[b], rule)
                         branch[kind if v else "tie"] += 1
+                        if v:  # what the pair teaches about copying: > 0 rewards it
+                            copy_gap.append(v * (cp[a] - cp[b]))
             result["kinds"][sft][f"penalty_{p:g}"]["pairs"] = branch
-            print(f"  penalty {p:g}: {branch['quality']} / {branch['length']} / {branch['tie']}")
+            result["kinds"][sft][f"penalty_{p:g}"]["chosen_minus_rejected_copy"] = float(np.mean(copy_gap))
+            print(f"  penalty {p:g}: {branch['quality']} / {branch['length']} / {branch['tie']}; "
+                  f"{np.mean(copy_gap):+.3f}")
         # Stage 4's situation: a model that copies against the SFT model, on the same abstract.
         print(f"\n{PREFIX!r} + abstract vs an {sft} of the same abstract (copy wins / ties / loses):")
         _, c_cos, c_cp, c_words = parts["prefix + abstract"]
