@@ -212,7 +212,7 @@ def test_recorded_135m_replies_are_unparseable_not_errors():
 
 # ---------------------------------------------------------------- the similarity judge's copy penalty
 def test_copy_penalty_arithmetic_by_hand():
-    """"A b, c d e." vs source "a b c d x y": 4-grams (a b c d) (b c d e); only the first is in the source -> 1/2.
+    """Response "A b, c d e." vs source "a b c d x y": 4-grams (a b c d) (b c d e), only the first in the source.
     SCORE = 0.9 - 0.5 * 1/2 = 0.65. Under 4 words there is no 4-gram: nothing copied (None)."""
     assert copy_fraction("A b, c d e.", "a b c d x y") == 0.5
     assert penalized(0.9, 0.5, 0.5) == pytest.approx(0.65)
