@@ -96,6 +96,9 @@ def judge_settings(cfg, where: str, dry_run: bool):
     if m is None:
         return None, None, None, None
     c = m["config"]
+    sim = c["judge"].get("similarity") or {}
+    if "copy_penalty" not in sim:  # a stage 2 from before the copy penalty judged by cosine alone: judge as it did
+        c["judge"]["similarity"] = {**sim, "copy_penalty": 0.0}
     return (JudgeConfig.model_validate(c["judge"]), FilterConfig.model_validate(c["filters"]),
             PairingConfig.model_validate(c["pairing"]), m)
 

@@ -145,9 +145,12 @@ class GenerateConfig(StageBase):
 
 # ---------------------------------------------------------------- stage 2
 class SimilarityJudgeConfig(Base):
-    """SCORE = cosine similarity of response and source embeddings (faithfulness); length is the pairing rule's."""
+    """SCORE = cosine similarity of response and source embeddings (faithfulness) minus copy_penalty x the share of
+    the response's 4-grams found in the source; length is the pairing rule's."""
 
     embedder: str = "models/all-MiniLM-L6-v2"  # sentence-transformers folder
+    # A copy of the source has cosine ~1: without this it is the most "faithful" summary (docs/stage2.md)
+    copy_penalty: float = Field(default=0.5, ge=0)
     batch_size: int = Field(default=64, gt=0)  # responses per actor call
     concurrency: int = Field(default=1, gt=0)  # embedder actors
     num_cpus: float = Field(default=0.5, gt=0)  # per embedder actor; fractional so a read task fits beside it

@@ -134,6 +134,16 @@ def _ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
     return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
 
 
+def copy_fraction(response: str, source: str, n: int = COPY_NGRAM) -> float | None:
+    """Share of `response`'s word n-grams (with repeats) found anywhere in `source`; None under n words. The
+    per-response term of copy_share, and the similarity judge's copy penalty (common/judges/similarity.py)."""
+    grams = _ngrams(_tokens(response), n)
+    if not grams:
+        return None
+    seen = set(_ngrams(_tokens(source), n))
+    return sum(g in seen for g in grams) / len(grams)
+
+
 def copy_share(responses: Sequence[str], sources: Sequence[str], n: int = COPY_NGRAM,
                near_verbatim: float = NEAR_VERBATIM) -> dict[str, Any]:
     """How much of each response is copied from its source, by word n-grams (lower-cased \\w+ tokens).
@@ -147,12 +157,7 @@ def copy_share(responses: Sequence[str], sources: Sequence[str], n: int = COPY_N
     _nonempty("copy_share", responses)
     if len(responses) != len(sources):
         raise ValueError(f"copy_share: {len(responses)} responses but {len(sources)} sources")
-    shares = []
-    for r, s in zip(responses, sources):
-        grams = _ngrams(_tokens(r), n)
-        if grams:
-            seen = set(_ngrams(_tokens(s), n))
-            shares.append(sum(g in seen for g in grams) / len(grams))
+    shares = [c for c in (copy_fraction(r, s, n) for r, s in zip(responses, sources)) if c is not None]
     return {"copy_share": float(np.mean(shares)) if shares else None,
             "share_near_verbatim": float(np.mean([x > near_verbatim for x in shares])) if shares else None,
             "copy_too_short": len(responses) - len(shares)}

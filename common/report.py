@@ -41,8 +41,9 @@ REFERENCE_SYSTEM = "human_reference"
 # judge type -> what its SCORE is, in words (for report.md)
 SCORE_MEANING = {
     "similarity": "faithfulness: cosine similarity of the response's and the source's MiniLM embeddings "
-                  "(about 0.8 for a good summary of the abstract, about 0.3 for another paper's summary); "
-                  "length is not part of it",
+                  "(about 0.8 for a good summary of the abstract, about 0.3 for another paper's summary) "
+                  "minus {copy_penalty:g} x the share of the response's 4-grams found in the source (a copy of the "
+                  "source: 1); length is not part of it",
     "quiz": "correct answers (0-{num_questions}) when the judge answers its own multiple-choice questions "
             "about the source from the response alone",
     "rubric": "the judge's 1-{scale_max} rating of faithfulness and concision",
@@ -191,6 +192,11 @@ def _num(x, digits=3) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
 
+def _similarity_name(judge: JudgeConfig) -> str:
+    p = judge.similarity.copy_penalty
+    return f" (faithfulness - {p:g} x copy share)" if p else " (faithfulness)"
+
+
 def table_rows(metrics: dict, judge: JudgeConfig, filters: FilterConfig, pairing: PairingConfig,
                names: list[str]) -> list[list[str]]:
     """Metric x model, like the Anyscale example's table, with the win-rate rows on top."""
@@ -209,7 +215,7 @@ def table_rows(metrics: dict, judge: JudgeConfig, filters: FilterConfig, pairing
         row(f"win rate vs {base} [95% CI]", win),
         row("wins / ties / losses", lambda n: f"{wr[n]['wins']} / {wr[n]['ties']} / {wr[n]['losses']}"
             if n in wr and "wins" in wr[n] else "—"),
-        row("mean judge score" + (" (faithfulness)" if judge.type == "similarity" else ""),
+        row("mean judge score" + (_similarity_name(judge) if judge.type == "similarity" else ""),
             lambda n: _num(models[n].get("mean_score"))),
     ]
     for t in quality_thresholds(judge, pairing):
@@ -369,7 +375,7 @@ def embedder(judge: JudgeConfig):
 
     if not interactive():  # the weight-loading bar is carriage-return debris in a log file
         hf_logging.disable_progress_bar()
-    model = _Embedder(str(path), judge.similarity.batch_size).model
+    model = _Embedder(str(path), judge.similarity.batch_size, judge.similarity.copy_penalty).model
     return lambda texts: model.encode(list(texts), normalize_embeddings=True,
                                       batch_size=judge.similarity.batch_size, show_progress_bar=False)
 
@@ -410,7 +416,8 @@ def write_report(path: Path, *, metrics: dict, names: list[str], dpo: str, df: p
     base = metrics["baseline"]
     table = markdown_table(header(names, base), table_rows(metrics, judge, filters, pairing, names))
     meaning = SCORE_MEANING[judge.type].format(num_questions=judge.quiz.num_questions,
-                                               scale_max=judge.rubric.scale_max)
+                                               scale_max=judge.rubric.scale_max,
+                                               copy_penalty=judge.similarity.copy_penalty)
     rule = pairing_rule_text(pairing)
     rule_name = "stage 2's pairing rule (the rule that built the training pairs)" if from_stage2 else \
         "the pairing rule of this config"

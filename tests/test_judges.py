@@ -14,9 +14,12 @@ from common.judges import build_judge, error_counts, parse_details
 from common.judges.llm import RAW, SKIPPED, extract_json, read_choice, score_replies
 from common.judges.quiz import answers_model, grade, parse_answers, parse_questions, questions_model
 from common.judges.rubric import Verdict, combine_orders, parse_rating, parse_verdict, rating_model, win_shares
+from common.judges.similarity import _Embedder, penalized
+from common.metrics import copy_fraction
 from common.pairing import compare
 
-QS = load_config("02_judge", str(REPO / "configs/quickstart/02_judge.yaml"), []).pairing  # the quickstart's rule
+QUICKSTART = load_config("02_judge", str(REPO / "configs/quickstart/02_judge.yaml"), [])
+QS = QUICKSTART.pairing  # the quickstart's rule
 OPTS = ["alpha", "beta", "gamma", "delta", "epsilon"]
 
 
@@ -207,6 +210,80 @@ def test_recorded_135m_replies_are_unparseable_not_errors():
     assert all(math.isnan(parse_rating(r, scale_max=10)) for r in RECORDED_RATINGS)
 
 
+# ---------------------------------------------------------------- the similarity judge's copy penalty
+def test_copy_penalty_arithmetic_by_hand():
+    """Response "A b, c d e." vs source "a b c d x y": 4-grams (a b c d) (b c d e), only the first in the source.
+    SCORE = 0.9 - 0.5 * 1/2 = 0.65. Under 4 words there is no 4-gram: nothing copied (None)."""
+    assert copy_fraction("A b, c d e.", "a b c d x y") == 0.5
+    assert penalized(0.9, 0.5, 0.5) == pytest.approx(0.65)
+    assert copy_fraction("a b c", "a b c") is None
+    assert penalized(0.9, 0.5, 0.0) == 0.9
+
+
+def test_a_copy_of_the_abstract_loses_to_the_human_summary():
+    """The quickstart's judge (real MiniLM, the judge's own batch callable, no Ray) on every validation abstract:
+    the abstract verbatim and its first half score below the threshold and lose to ACLSum's human summary under the
+    pairing rule, while the human summaries stay faithful. Without the penalty the first half, as faithful by
+    cosine and shorter, beats the human summary for most abstracts: the penalty is what makes copying lose."""
+    import pyarrow as pa
+
+    sim = QUICKSTART.judge.similarity
+    assert QUICKSTART.judge.type == "similarity" and sim.copy_penalty > 0
+    papers = aclsum("val")
+    kinds = {"human": lambda p: p["summary"], "copy": lambda p: p["abstract"],
+             "half": lambda p: " ".join(p["abstract"].split()[:len(p["abstract"].split()) // 2])}
+    rows = [(k, p["abstract"], f(p)) for p in papers for k, f in kinds.items()]
+    table = pa.table({S.SOURCE: [r[1] for r in rows], S.RESPONSE: [r[2] for r in rows]})
+    out = _Embedder(str(REPO / sim.embedder), sim.batch_size, sim.copy_penalty)(table).to_pylist()
+    got = {(k, src): r for (k, src, _), r in zip(rows, out)}
+    for r in out:
+        d = json.loads(r[S.JUDGE_DETAIL])
+        assert r[S.SCORE] == pytest.approx(d["similarity"] - sim.copy_penalty * d["copy"], abs=1e-3)
+
+    def verdict(a, b, key=S.SCORE):
+        return compare(a[key], a[S.NUM_WORDS], b[key], b[S.NUM_WORDS], QS)
+
+    human = [got["human", p["abstract"]] for p in papers]
+    assert sum(h[S.SCORE] >= QS.quality_threshold for h in human) >= 0.9 * len(papers)
+    for kind in ("copy", "half"):
+        for p, h in zip(papers, human):
+            c = got[kind, p["abstract"]]
+            assert json.loads(c[S.JUDGE_DETAIL])["copy"] == 1.0 and c[S.SCORE] < QS.quality_threshold, (kind, p["id"])
+            assert verdict(c, h) < 0, f"a {kind} copy of {p['id']} did not lose to its human summary"
+    for r in out:  # the judge without the penalty: SCORE = cosine
+        r["cosine"] = json.loads(r[S.JUDGE_DETAIL])["similarity"]
+    half_wins = sum(verdict(got["half", p["abstract"]], h, "cosine") > 0 for p, h in zip(papers, human))
+    assert half_wins > len(papers) / 2, f"without the penalty the first half won only {half_wins}/{len(papers)}"
+
+
+def test_stage4_judges_with_the_copy_penalty_of_stage2(tmp_path):
+    """Stage 4 takes the judge from stage 2's manifest, penalty included; a manifest from before the penalty
+    existed (no copy_penalty key) judged by cosine alone, so stage 4 does too (penalty 0)."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from common.io import StageOutput
+
+    spec = importlib.util.spec_from_file_location("evaluate", REPO / "04_evaluate/evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    cfg = load_config("02_judge", str(REPO / "configs/quickstart/02_judge.yaml"), [f"output_dir={tmp_path}"])
+    out = StageOutput(cfg, "02_judge")
+    out.begin()
+    pd.DataFrame({S.PAIR_ID: ["p0"], S.PROMPT_ID: ["x"]}).to_parquet(out.data / "pairs.parquet")
+    folder = out.commit(rows={"pairs": 1})["dir"]
+    stage4 = SimpleNamespace(judge_dir=folder)
+    judge = evaluate.judge_settings(stage4, "04.yaml", dry_run=False)[0]
+    assert judge.similarity.copy_penalty == QUICKSTART.judge.similarity.copy_penalty > 0
+    mf = tmp_path / "02_judge" / "manifest.json"
+    m = json.loads(mf.read_text())
+    del m["config"]["judge"]["similarity"]["copy_penalty"]
+    mf.write_text(json.dumps(m))
+    assert evaluate.judge_settings(stage4, "04.yaml", dry_run=False)[0].similarity.copy_penalty == 0.0
+
+
 # ---------------------------------------------------------------- the similarity judge on real data
 def _scores(ray, judge_cfg, rows):
     ds = ray.data.from_items(rows, override_num_blocks=2)
@@ -217,7 +294,7 @@ def _scores(ray, judge_cfg, rows):
 @pytest.mark.slow
 def test_similarity_judge_is_meaningful_on_aclsum(ray_local):
     """Own human summary vs another paper's: the faithful one must win >= 90%; the abstract itself vs its human
-    summary (both faithful): the pairing rule must prefer the shorter >= 90%."""
+    summary: the summary must win >= 90% (the copy penalty puts the copy below the threshold)."""
     papers = aclsum("test")
     other = papers[1:] + papers[:1]
     rows = []
@@ -228,19 +305,16 @@ def test_similarity_judge_is_meaningful_on_aclsum(ray_local):
     assert len(got) == 3 * len(papers)
     r = got[f"{papers[0]['id']}|own"]
     assert set(r) >= {S.SCORE, S.NUM_WORDS, S.JUDGE_DETAIL} and r[S.NUM_WORDS] == len(papers[0]["summary"].split())
-    assert json.loads(r[S.JUDGE_DETAIL])["similarity"] == pytest.approx(r[S.SCORE], abs=1e-4)
+    d = json.loads(r[S.JUDGE_DETAIL])
+    assert d["similarity"] - JudgeConfig().similarity.copy_penalty * d["copy"] == pytest.approx(r[S.SCORE], abs=1e-3)
 
     def pref(a, b):
         return compare(a[S.SCORE], a[S.NUM_WORDS], b[S.SCORE], b[S.NUM_WORDS], QS)
 
     faithful = sum(pref(got[f"{p['id']}|own"], got[f"{p['id']}|other"]) > 0 for p in papers) / len(papers)
     assert faithful >= 0.9, f"the judge preferred the paper's own summary in only {faithful:.0%} of cases"
-    shorter_ok = 0
-    for p in papers:
-        own, ab = got[f"{p['id']}|own"], got[f"{p['id']}|abstract"]
-        shorter, longer = (own, ab) if own[S.NUM_WORDS] < ab[S.NUM_WORDS] else (ab, own)
-        shorter_ok += pref(shorter, longer) > 0
-    assert shorter_ok / len(papers) >= 0.9, f"the shorter faithful text won in only {shorter_ok}/{len(papers)}"
+    summary_ok = sum(pref(got[f"{p['id']}|own"], got[f"{p['id']}|abstract"]) > 0 for p in papers)
+    assert summary_ok / len(papers) >= 0.9, f"the summary beat the abstract in only {summary_ok}/{len(papers)}"
 
 
 # ---------------------------------------------------------------- LLM judges, real vLLM with the 135M model

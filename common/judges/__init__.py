@@ -12,7 +12,7 @@ string of what the judge said. Stage 2 pairs on (SCORE, NUM_WORDS) with common.p
 stage 2's manifest with `build_judge` and decides model-vs-baseline with the same rule (common.pairing.compare), so
 "better" means one thing in training data and in evaluation.
 
-    similarity  cosine(response, source) with MiniLM: the embedded CPU default      (common/judges/similarity.py)
+    similarity  MiniLM cosine(response, source) - a copy penalty: the CPU default   (common/judges/similarity.py)
     quiz        K multiple-choice questions per source, answered from the response  (common/judges/quiz.py)
     rubric      a 1..N rating, or pairwise A/B verdicts in both orders              (common/judges/rubric.py)
 
@@ -47,7 +47,7 @@ def build_judge(cfg: JudgeConfig) -> Judge:
 def score_range(cfg: JudgeConfig) -> tuple[float, float]:
     """The lowest and highest SCORE the configured judge can give (to check pairing.quality_threshold)."""
     if cfg.type == "similarity":
-        return -1.0, 1.0
+        return -1.0 - cfg.similarity.copy_penalty, 1.0
     if cfg.type == "quiz":
         return 0.0, float(cfg.quiz.num_questions)
     if cfg.type == "rubric":
