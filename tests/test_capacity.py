@@ -53,3 +53,16 @@ def test_gpu_projection_of_the_shipped_config_prints_the_three_setups():
     assert "| 8 A100 + 12 A10G | 16.0 min | 16.0 min | 47.9 min |" in text
     assert "| 8 A100 | 21.3 min | 21.3 min | 63.8 min |" in text
     assert "supply / trainer demand: 1.01" in text
+
+
+def test_recipe_sweep_refuses_the_test_split_before_running_anything(tmp_path):
+    """benchmarks/sweep_recipe.py chooses knobs: pointed at ACLSum's test split it stops at once, with the why."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "sweep"
+    r = subprocess.run([sys.executable, "benchmarks/sweep_recipe.py", "--out", str(out), "--split",
+                        "data/aclsum/test.jsonl"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "test split" in r.stderr and "val.jsonl" in r.stderr
+    assert not out.exists()  # nothing was started or written
