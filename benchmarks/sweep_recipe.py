@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +34,19 @@ def run(script: str, output_dir: Path, sets: list[str]) -> None:
         cmd += ["--set", s]
     print("[sweep] " + " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
+
+
+def run_point(point: Path, candidates: Path, overrides: list[str], split: str) -> None:
+    """Stages 2-4 of one grid point on the shared stage-1 candidates; stage 4 on `split`."""
+    point.mkdir(parents=True, exist_ok=True)
+    if not (point / "01_generate").exists():
+        (point / "01_generate").symlink_to(candidates)
+    for script in STAGES:
+        stage = Path(script).parent.name
+        sets = [o.split(":", 1)[1] for o in overrides if o.split(":", 1)[0] == stage]
+        if stage == "04_evaluate":
+            sets.append(f"data.path={split}")
+        run(script, point, sets)
 
 
 def row(name: str, point: Path) -> dict:
@@ -83,26 +95,16 @@ def main() -> None:
         sys.exit(f"sweep_recipe.py: --split {args.split} looks like a test split: choose knobs on validation "
                  f"(data/aclsum/val.jsonl) and report on test once, with the quickstart")
     points = args.point or [[f"threshold {t}", f"02_judge:pairing.quality_threshold={t}"] for t in THRESHOLDS]
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = args.out.resolve()
-    candidates = out / "01_generate"
-    if args.candidates:
-        candidates = args.candidates.resolve()
-    elif not args.collect:
+    candidates = args.candidates.resolve() if args.candidates else out / "01_generate"
+    if not args.candidates and not args.collect:
         run("01_generate/generate.py", out, [])
 
     rows = []
     for name, *overrides in points:
         point = out / name.replace(" ", "_")
-        point.mkdir(parents=True, exist_ok=True)
-        if not (point / "01_generate").exists():
-            (point / "01_generate").symlink_to(candidates)
-        for script in STAGES if not args.collect else ():
-            stage = Path(script).parent.name
-            sets = [o.split(":", 1)[1] for o in overrides if o.split(":", 1)[0] == stage]
-            if stage == "04_evaluate":
-                sets.append(f"data.path={args.split}")
-            run(script, point, sets)
+        if not args.collect:
+            run_point(point, candidates, overrides, args.split)
         rows.append(row(name, point))
         print(table(rows), flush=True)
 
