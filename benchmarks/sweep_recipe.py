@@ -22,6 +22,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from common.report import target_check  # noqa: E402
+
+TARGET_WIN_RATE = 0.7  # configs/quickstart/04_evaluate.yaml's target_win_rate
 THRESHOLDS = ("0.62", "0.66", "0.68", "0.70", "0.74")
 STAGES = ("02_judge/judge.py", "03_dpo_train/train.py", "04_evaluate/evaluate.py")
 
@@ -61,9 +65,15 @@ def row(name: str, point: Path) -> dict:
         **{f"{k}_{who}": model[k] for who, model in (("dpo", dpo), ("sft", sft))
            for k in ("mean_words", "copy_share", "rouge_l", "reference_similarity")},
         "judge_prefers_human_over_sft": sft["judge_vs_reference"]["preferred"],
-        "bar": {"win_rate": win["win_rate"] >= 0.7 and win["ci_low"] > 0.5,  # issue 17's bar for the quickstart
-                "rouge_l": dpo["rouge_l"] >= sft["rouge_l"], "copy_share": dpo["copy_share"] <= sft["copy_share"]},
+        "bar": bar(m),
     }
+
+
+def bar(metrics: dict) -> dict:
+    """Issue 17's bar, as stage 4's report checks it: the win rate (with its interval), ROUGE-L, copy share."""
+    checks = target_check(metrics, "dpo", TARGET_WIN_RATE, max_score_drop=0.0)
+    return {key: next(ok for text, ok in checks if text.startswith(prefix))
+            for key, prefix in (("win_rate", "win rate"), ("rouge_l", "ROUGE-L"), ("copy_share", "copy share"))}
 
 
 def table(rows: list[dict]) -> str:

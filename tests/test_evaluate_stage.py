@@ -161,7 +161,7 @@ def test_report_plots_and_manifest_written(evaluated):
     assert manifest["table"] in report
     out = evaluated["proc"].stdout
     assert "win rate vs sft" in out and "Report:" in out  # the table is printed at the end ...
-    assert "FAIL: win rate vs sft >= 70% (got 50.0%)" in out  # ... with the bar
+    assert "FAIL: win rate vs sft >= 70% with its 95% CI above 50% (got 50.0% [" in out  # ... with the bar
     assert "resource plan" in out
 
 

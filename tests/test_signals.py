@@ -134,6 +134,31 @@ def test_report_signals_and_bars_from_a_table():
     assert "ROUGE-L F1 vs human reference" in labels and "judge prefers human reference over this model" in labels
 
 
+def _bar_metrics(win_rate, ci_low, ci_high):
+    return {"baseline": "sft", "win_rate": {"dpo": {"win_rate": win_rate, "ci_low": ci_low, "ci_high": ci_high}},
+            "models": {"dpo": {"rouge_l": 0.25, "copy_share": 0.3}, "sft": {"rouge_l": 0.24, "copy_share": 0.4}}}
+
+
+@pytest.mark.parametrize("win_rate, ci_low, ci_high, passes", [
+    (0.72, 0.52, 0.90, True),   # over the bar, the interval clear of a coin flip
+    (0.72, 0.48, 0.92, False),  # over the bar on too few prompts: the lower end is not above 50%
+    (0.72, 0.50, 0.92, False),  # "above", not "at"
+    (0.68, 0.60, 0.76, False),  # clear of a coin flip but under the bar
+    (0.70, None, None, True),   # no bootstrap (bootstrap_samples: 0): the rate alone
+])
+def test_the_win_rate_bar_asks_for_the_interval_too(win_rate, ci_low, ci_high, passes):
+    (text, ok), *_ = report.target_check(_bar_metrics(win_rate, ci_low, ci_high), "dpo", 0.7, 0.02)
+    assert ok is passes and text.startswith("win rate vs sft >= 70%")
+    assert ("95% CI above 50%" in text) is (ci_low is not None)
+
+
+def test_the_sweep_grades_a_point_with_the_reports_bar():
+    """benchmarks/sweep_recipe.py reads the same three checks as stage 4's report, not its own copy of them."""
+    from benchmarks.sweep_recipe import bar
+    assert bar(_bar_metrics(0.72, 0.52, 0.90)) == {"win_rate": True, "rouge_l": True, "copy_share": True}
+    assert bar(_bar_metrics(0.72, 0.48, 0.92))["win_rate"] is False
+
+
 def test_without_references_the_reference_signals_are_left_out():
     df = _table()
     df = df[df[S.SYSTEM] != report.REFERENCE_SYSTEM].assign(**{S.REFERENCE: ""})
