@@ -299,15 +299,29 @@ def reference_cache(cfg: DPOStageConfig, ref_path: str, source: dict, upstream: 
 
 
 def with_cached_logps(tokenized, cache: ReferenceCache):
-    """The tokenised pairs joined with the cached reference log-probs, or None if the cache misses any pair."""
-    import ray
+    """The tokenised pairs joined with the cached reference log-probs by pair id, or None if the cache misses any
+    pair. A keyed map, not Dataset.join: each block reads the cache's three narrow columns for its own pair ids, so
+    neither the driver nor a shuffle (which needs free CPUs the trainers may hold) ever sees the tokens."""
+    joined = tokenized.map_batches(_join_cached, batch_size=None, batch_format="pyarrow", num_cpus=0.25,
+                                   fn_kwargs={"path": str(cache.path)}).materialize()
+    return joined if joined.count() == tokenized.count() else None
 
-    ref = pd.read_parquet(cache.path)
-    df = tokenized.to_pandas().merge(ref, on=S.PAIR_ID, how="left", validate="one_to_one")
-    if df[S.REF_CHOSEN_LOGPS].isna().any():
-        return None
-    df[S.REF_PID] = -1  # from the cache, no process computed them in this run
-    return ray.data.from_items(df.to_dict("records"), override_num_blocks=tokenized.num_blocks())
+
+def _join_cached(batch, path: str):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    ids = batch[S.PAIR_ID]
+    ref = pq.read_table(path, columns=[S.PAIR_ID, S.REF_CHOSEN_LOGPS, S.REF_REJECTED_LOGPS],
+                        filters=pc.field(S.PAIR_ID).isin(ids.unique()))
+    at = pc.index_in(ids, value_set=ref[S.PAIR_ID])  # each pair's row in the cache; null where it has none
+    found = pc.is_valid(at)
+    batch, at = batch.filter(found), at.filter(found)
+    for name in (S.REF_CHOSEN_LOGPS, S.REF_REJECTED_LOGPS):
+        batch = batch.append_column(name, ref[name].take(at))
+    # from the cache: no process computed them in this run
+    return batch.append_column(S.REF_PID, pa.array([-1] * batch.num_rows, pa.int64()))
 
 
 def write_reference_cache(cache: ReferenceCache, store, num_pairs: int) -> bool:
