@@ -1,27 +1,33 @@
 """Stage 3 (DPO on Ray Train + the streaming reference actor pool) against TRL's DPOTrainer, in one run.
 
-    .venv/bin/python benchmarks/bench_dpo.py                      # full size: 32 pairs, 5 runs, ~12 min here
-    .venv/bin/python benchmarks/bench_dpo.py --plan os,t,oc,os,oc,ofg,tfg   # repeats + gradient checkpointing
-    .venv/bin/python benchmarks/bench_dpo.py --pairs 4 --plan os,t,oc   # smoke test of the harness (~5 min)
+    .venv/bin/python benchmarks/bench_dpo.py                      # full size: 32 pairs, the default plan below
+    .venv/bin/python benchmarks/bench_dpo.py --plan os,oq,t,t2,tp,oc   # LoRA only: each peer at its best
+    .venv/bin/python benchmarks/bench_dpo.py --pairs 4 --plan os,t,tp,oc   # smoke test of the harness
 
-Same model (models/smollm2-135m-instruct, bf16), same pairs (ACLSum-derived, the recipe of
-tests/test_dpo_stage.py::write_pairs), same batch size (4 pairs), same max length (512), same LoRA setting (the
-quickstart's r=8 on all projections, built by the same `common.train_loop.build_model`), same 2 cores, 1 epoch:
+Same model (models/smollm2-135m-instruct, bf16 weights), same pairs (ACLSum-derived, the recipe of
+tests/test_dpo_stage.py::write_pairs), same batch size and max length (the stage-3 quickstart config's), same LoRA
+setting (the quickstart's r=8 on all projections, built by the same `common.train_loop.build_model`), same 2 cores,
+1 epoch. Each side at its best, found in the same invocation: TRL inline with 1 and with 2 torch threads, TRL with
+`precompute_ref_log_probs=True` (on the faster thread count); ours with the trainer on one thread throughout and with
+the quickstart's `cpu_threads_after_reference` (2 threads once the reference pass is over).
 
-  (1) epoch wall time, ours / TRL, LoRA (the quickstart setting)                target <= 0.8x
+  (1) epoch wall time, ours at best / TRL at best (inline; precompute), LoRA          target <= 0.8x
+  (1b) whole-process wall time, the same pairs of runs                                target <= 1.0x
   (2) trainer-process peak RSS for full fine-tuning (lora_config: null), ours / TRL     target <= 0.6x
   (3) overlap: ours with the streaming reference pool / ours on cached (precomputed) reference log-probs
-      (stage 3's second run: `reference_cache: hit`)                            target <= 1.1x
+      (stage 3's second run: `reference_cache: hit`), both with one trainer thread     target <= 1.1x
 
 Ours runs as a user runs it: `03_dpo_train/train.py --config configs/quickstart/03_dpo_train.yaml --set ...` in
-its own process (its own local Ray); times come from its manifest (`stats.train_seconds`: the epoch loop, first
-batch wait included; `stats.ref_wait_seconds`; `seconds`: the whole stage). The trainer's peak RSS is the VmHWM of
-the `ray::RayTrainWorker` process, sampled from /proc while it lives (only processes under our own subprocess).
-TRL runs in a subprocess of this script (`--worker trl`): epoch time from TrainerCallback on_epoch_begin/end,
-peak RSS from resource.getrusage(RUSAGE_SELF).ru_maxrss.
+its own process (its own local Ray); times come from its manifest and metrics.jsonl (epoch = the sum of the step
+times: the epoch loop, every wait for reference data included; `seconds`: the whole stage). The trainer's peak RSS
+is the VmHWM of the `ray::RayTrainWorker` process, sampled from /proc while it lives (only processes under our own
+subprocess). TRL runs in a subprocess of this script (`--worker trl`): epoch time from TrainerCallback
+on_epoch_begin/end, the precompute pass timed around DPOTrainer._precompute_ref_logps, peak RSS from
+resource.getrusage(RUSAGE_SELF).ru_maxrss. Whole-process time is the wall time of each subprocess, measured by this
+driver the same way for both sides.
 
-Runs are interleaved (`--plan`, default os,t,oc,of,tf: ours, TRL, ours-cached, ours full, TRL full) so a change in
-machine load hits both sides; the load average is recorded next to every run.
+Runs are interleaved (`--plan`) so a change in machine load hits both sides; the load average is recorded next to
+every run.
 """
 from __future__ import annotations
 
@@ -35,12 +41,15 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (PY, REPO, bench_env, emit, loadavg, machine, result_marker_json, run_logged,  # noqa: E402
                      save, versions)
 
 CONFIG = REPO / "configs/quickstart/03_dpo_train.yaml"
-LORA_LR, FULL_LR = 2.0e-4, 5.0e-6  # the quickstart's LoRA rate; its comment's full fine-tuning rate
+QUICKSTART = yaml.safe_load(CONFIG.read_text())
+FULL_LR = 5.0e-6  # the quickstart config comment's full fine-tuning rate
 
 
 # ------------------------------------------------------------------------------------------------- the pairs
@@ -120,8 +129,13 @@ def trl_worker(args) -> None:
         seed=cfg.seed,
         dataloader_num_workers=0,
         disable_tqdm=True,
+        # TRL's own answer to the reference's cost: one reference pass over the data before training. Its batch
+        # is our reference actor's (the quickstart's logprob_processor batch_size).
+        precompute_ref_log_probs=args.precompute,
+        precompute_ref_batch_size=ptc.logprob_processor_scaling_config.batch_size if args.precompute else None,
     )
     epochs: list[dict] = []
+    precompute = _time_precompute(DPOTrainer)
 
     class EpochTimer(TrainerCallback):
         def on_epoch_begin(self, a, state, control, **kw):
@@ -147,16 +161,35 @@ def trl_worker(args) -> None:
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "rss_after_imports_mib": round(rss_imports / 1024, 1), "rss_at_start_mib": round(rss_start / 1024, 1),
         "torch_threads": torch.get_num_threads(), "ref_model_in_process": trainer.ref_model is not None,
-        "sequence_tokens_per_epoch": ntok,
+        "sequence_tokens_per_epoch": ntok, "precompute": precompute,
+        "precompute_seconds": round(sum(p["seconds"] for p in precompute), 2) if args.precompute else None,
     })
 
 
+def _time_precompute(trainer_cls) -> list[dict]:
+    """Wrap TRL's reference pre-pass (run inside DPOTrainer.__init__) with a timer; the records land in the list."""
+    records: list[dict] = []
+    inner = trainer_cls._precompute_ref_logps
+
+    def timed(self, dataset, name, batch_size):
+        t0 = time.perf_counter()
+        out = inner(self, dataset, name, batch_size)
+        records.append({"dataset": name, "rows": len(dataset), "batch_size": batch_size,
+                        "seconds": round(time.perf_counter() - t0, 2)})
+        return out
+
+    trainer_cls._precompute_ref_logps = timed
+    return records
+
+
 # --------------------------------------------------------------------------------------------------- driver
-def run_ours(name: str, pairs: Path, out_dir: Path, epochs: int, full: bool, logs: Path, timeout: int,
-             gradient_checkpointing: bool = False) -> dict:
-    # One trainer thread throughout, like TRL here: the quickstart's second thread after the reference pass would
-    # make the comparison one of core counts (and the cached run would get it from step 1).
-    sets = [f"train_path={pairs}", f"output_dir={out_dir}", f"num_epochs={epochs}", "cpu_threads_after_reference=null"]
+def run_ours(name: str, pairs: Path, out_dir: Path, args, full: bool = False, gradient_checkpointing: bool = False,
+             quickstart_threads: bool = False) -> dict:
+    # One trainer thread throughout unless `quickstart_threads`: then the quickstart's own
+    # cpu_threads_after_reference (the trainer takes the reference actor's core once the reference pass is over).
+    sets = [f"train_path={pairs}", f"output_dir={out_dir}", f"num_epochs={args.epochs}"]
+    if not quickstart_threads:
+        sets.append("cpu_threads_after_reference=null")
     if full:
         sets += ["lora_config=null", f"learning_rate={FULL_LR}"]
     if gradient_checkpointing:
@@ -164,24 +197,36 @@ def run_ours(name: str, pairs: Path, out_dir: Path, epochs: int, full: bool, log
     cmd = [PY, str(REPO / "03_dpo_train/train.py"), "--config", str(CONFIG), "--force"]
     for s in sets:
         cmd += ["--set", s]
+    logs = Path(args.workdir) / "logs"
     load0 = loadavg()
-    rc, wall, sampler = run_logged(cmd, logs / f"{name}.log", bench_env(), timeout, sample_memory=True)
+    rc, wall, sampler = run_logged(cmd, logs / f"{name}.log", bench_env(), args.timeout, sample_memory=True)
     res = {"name": name, "side": "ours", "full": full, "rc": rc, "process_seconds": round(wall, 2),
-           "load_before": load0, "load_after": loadavg()}
+           "whole_process_seconds": round(wall, 2), "load_before": load0, "load_after": loadavg(),
+           "cpu_threads_after_reference": QUICKSTART.get("cpu_threads_after_reference") if quickstart_threads
+           else None}
     mf = out_dir / "03_dpo_train" / "manifest.json"
     if rc != 0 or not mf.exists():
         res["error"] = f"exit {rc}; see {logs / (name + '.log')}"
         return res
-    m = json.loads(mf.read_text())
+    res.update(_ours_stats(out_dir / "03_dpo_train", json.loads(mf.read_text())))
+    res.update({"trainer_peak_rss_mib": sampler.peak_mib("RayTrainWorker"),
+                "reference_actor_peak_rss_mib": sampler.peak_mib("ReferenceLogProbProcessor"),
+                "driver_peak_rss_mib": sampler.peak_mib("03_dpo_train/train.py")})
+    return res
+
+
+def _ours_stats(stage_dir: Path, m: dict) -> dict:
+    """Epoch, step and loss figures of one stage-3 run, from its manifest and metrics.jsonl."""
     st = m["stats"]
-    metrics = [json.loads(line) for line in open(out_dir / "03_dpo_train" / "metrics.jsonl")]
+    metrics = [json.loads(line) for line in open(stage_dir / "metrics.jsonl")]
+    metrics = [r for r in metrics if "step_seconds" in r]
     per_epoch: dict[int, dict] = {}
     for r in metrics:
         e = per_epoch.setdefault(r["epoch"], {"seconds": 0.0, "ref_wait_seconds": 0.0, "steps": 0})
         e["seconds"] += r["step_seconds"]
         e["ref_wait_seconds"] += r.get("ref_wait_seconds", 0.0)
         e["steps"] += 1
-    res.update({
+    return {
         "stage_seconds": m["seconds"], "train_seconds": round(st["train_seconds"], 2),
         "ref_wait_seconds": round(st["ref_wait_seconds"], 2), "reference_cache": st["reference_cache"],
         "epochs": [{"seconds": round(v["seconds"], 2), "ref_wait_seconds": round(v["ref_wait_seconds"], 2),
@@ -190,25 +235,22 @@ def run_ours(name: str, pairs: Path, out_dir: Path, epochs: int, full: bool, log
         "first_step_ref_wait_seconds": round(metrics[0].get("ref_wait_seconds", 0.0), 2) if metrics else None,
         "steady_step_seconds": round(sum(r["step_seconds"] for r in metrics[1:]) / max(1, len(metrics) - 1), 2),
         "steps": st["steps"], "first_loss": st["first_metrics"].get("loss"),
-        "final_loss": st["final_metrics"].get("loss"),
-        "trainer_peak_rss_mib": sampler.peak_mib("RayTrainWorker"),
-        "reference_actor_peak_rss_mib": sampler.peak_mib("ReferenceLogProbProcessor"),
-        "driver_peak_rss_mib": sampler.peak_mib("03_dpo_train/train.py"),
-        "pairs_trained": m["rows"]["pairs_trained"],
-    })
-    return res
+        "final_loss": st["final_metrics"].get("loss"), "pairs_trained": m["rows"]["pairs_trained"],
+    }
 
 
-def run_trl(name: str, pairs: Path, work: Path, epochs: int, full: bool, logs: Path, timeout: int,
-            gradient_checkpointing: bool = False, autocast: bool = False, threads: int = 1) -> dict:
+def run_trl(name: str, pairs: Path, args, full: bool = False, gradient_checkpointing: bool = False,
+            threads: int = 1, precompute: bool = False) -> dict:
+    work = Path(args.workdir)
     cmd = [PY, str(Path(__file__).resolve()), "--worker", "trl", "--pairs-file", str(pairs), "--workdir", str(work),
-           "--epochs", str(epochs), "--threads", str(threads)] + (["--full"] if full else []) + \
+           "--epochs", str(args.epochs), "--threads", str(threads)] + (["--full"] if full else []) + \
           (["--trl-gradient-checkpointing"] if gradient_checkpointing else []) + \
-          (["--trl-autocast"] if autocast else [])
+          (["--trl-autocast"] if args.trl_autocast else []) + (["--precompute"] if precompute else [])
+    logs = work / "logs"
     load0 = loadavg()
-    rc, wall, _ = run_logged(cmd, logs / f"{name}.log", bench_env(), timeout)
+    rc, wall, _ = run_logged(cmd, logs / f"{name}.log", bench_env(), args.timeout)
     res = {"name": name, "side": "trl", "full": full, "rc": rc, "wall_seconds": round(wall, 2),
-           "load_before": load0, "load_after": loadavg()}
+           "whole_process_seconds": round(wall, 2), "load_before": load0, "load_after": loadavg()}
     r = result_marker_json(logs / f"{name}.log")
     if rc != 0 or r is None:
         res["error"] = f"exit {rc}; see {logs / (name + '.log')}"
@@ -221,16 +263,174 @@ def _ratio(a, b):
     return round(a / b, 3) if a is not None and b else None
 
 
+def _med(vals):
+    vals = [v for v in vals if v is not None]
+    return round(statistics.median(vals), 2) if vals else None
+
+
+def _ep1(r):
+    return r["epochs"][0]["seconds"] if r.get("epochs") else None
+
+
+def _best_trl_threads(runs: list[dict], fallback: int) -> int:
+    """The torch thread count of the fastest TRL LoRA inline epoch so far in this invocation."""
+    inline = [r for r in runs if r["name"].startswith("trl_lora_") and "precompute" not in r["name"]
+              and "error" not in r and _ep1(r) is not None]
+    return min(inline, key=_ep1)["torch_threads"] if inline else fallback
+
+
+OURS_RUNS = {  # plan token -> (run name, full fine-tuning, gradient checkpointing, the quickstart's thread setting)
+    "os": ("ours_lora_stream", False, False, False),
+    "oq": ("ours_lora_stream_quickstart_threads", False, False, True),
+    "of": ("ours_full_stream", True, False, False),
+    "ofg": ("oursgc_full_stream", True, True, False),
+}
+
+
+def _show(runs: list[dict], r: dict) -> dict:
+    keys = ("name", "rc", "whole_process_seconds", "train_seconds", "ref_wait_seconds", "epochs", "precompute_seconds",
+            "torch_threads", "reference_cache", "trainer_peak_rss_mib", "peak_rss_mib", "load_before", "error")
+    print("[bench_dpo] " + json.dumps({k: r[k] for k in keys if k in r}), flush=True)
+    runs.append(r)
+    return r
+
+
+def run_plan(args, pairs: Path) -> list[dict]:
+    runs: list[dict] = []
+    show = lambda r: _show(runs, r)  # noqa: E731
+    work = Path(args.workdir)
+    cached_dir = work / "ours_cached"
+    shutil.rmtree(cached_dir, ignore_errors=True)  # filled by this invocation's first streaming LoRA run
+    count: dict[str, int] = {}
+    for tok in [t.strip() for t in args.plan.split(",") if t.strip()]:
+        k = count[tok] = count.get(tok, -1) + 1
+        if tok in OURS_RUNS:  # ours, streaming reference pool: fresh output dir, so a real cache miss
+            name, full, gc, qs = OURS_RUNS[tok]
+            fresh = work / f"{name}_{k}"
+            shutil.rmtree(fresh, ignore_errors=True)
+            r = show(run_ours(f"{name}_{k}", pairs, fresh, args, full, gc, qs))
+            if not full and "error" not in r and not (cached_dir / "ref_logps").exists():
+                shutil.copytree(fresh / "ref_logps", cached_dir / "ref_logps")  # the cache "oc" runs will hit
+        elif tok == "oc":  # ours on the reference cache a streaming run wrote (stage 3's rerun: cache hit)
+            if not (cached_dir / "ref_logps").exists():
+                raise SystemExit("--plan: 'oc' needs an earlier 'os' or 'oq' run (it reuses its reference cache)")
+            show(run_ours(f"ours_lora_cached_{k}", pairs, cached_dir, args))
+        elif tok in ("t", "t2"):
+            n = 2 if tok == "t2" else args.trl_threads
+            show(run_trl(f"trl_lora_{n}thr_{k}", pairs, args, threads=n))
+        elif tok == "tp":  # precompute, on the thread count that ran TRL's inline epoch fastest so far
+            n = _best_trl_threads(runs, 2)
+            show(run_trl(f"trl_lora_precompute_{n}thr_{k}", pairs, args, threads=n, precompute=True))
+        elif tok in ("tf", "tfg"):  # tfg: TRL's default gradient checkpointing (memory for time)
+            show(run_trl(f"{'trlgc' if tok == 'tfg' else 'trl'}_full_{k}", pairs, args, full=True,
+                         gradient_checkpointing=tok == "tfg", threads=args.trl_threads))
+        else:
+            known = ", ".join([*OURS_RUNS, "oc", "t", "t2", "tp", "tf", "tfg"])
+            raise SystemExit(f"--plan: unknown run '{tok}' (known: {known})")
+    return runs
+
+
+def _groups(ok: list[dict], prefix: str) -> dict[str, dict]:
+    """Runs whose name starts with `prefix`, grouped by name without the repeat index: medians per group."""
+    out: dict[str, list[dict]] = {}
+    for r in ok:
+        if r["name"].startswith(prefix):
+            out.setdefault(re.sub(r"_\d+$", "", r["name"]), []).append(r)
+    return {g: {"epoch1_seconds": _med(map(_ep1, rs)), "whole_process_seconds": _med(r["whole_process_seconds"]
+                                                                                    for r in rs),
+                "precompute_seconds": _med(r.get("precompute_seconds") for r in rs), "runs": len(rs)}
+            for g, rs in out.items()}
+
+
+def _best(groups: dict[str, dict]) -> dict | None:
+    """The group with the shortest epoch, as {"run": name, **its medians}."""
+    timed = {g: v for g, v in groups.items() if v["epoch1_seconds"] is not None}
+    if not timed:
+        return None
+    g = min(timed, key=lambda k: timed[k]["epoch1_seconds"])
+    return {"run": g, **timed[g]}
+
+
+def lora_summary(ok: list[dict]) -> dict:
+    ours = _groups(ok, "ours_lora_stream")
+    trl = _groups(ok, "trl_lora_")
+    inline = {g: v for g, v in trl.items() if "precompute" not in g}
+    pre = {g: v for g, v in trl.items() if "precompute" in g}
+    best = {"ours": _best(ours), "trl_inline": _best(inline), "trl_precompute": _best(pre)}
+    s = {"lora_runs": {**ours, **_groups(ok, "ours_lora_cached"), **trl}, "best": best}
+    get = lambda side, key: (best[side] or {}).get(key)  # noqa: E731
+    for peer, tag in (("trl_inline", "inline"), ("trl_precompute", "precompute")):
+        s[f"ratio_1_epoch_ours_best_vs_trl_{tag}_best"] = _ratio(get("ours", "epoch1_seconds"),
+                                                                 get(peer, "epoch1_seconds"))
+        s[f"ratio_1b_process_ours_best_vs_trl_{tag}_best"] = _ratio(get("ours", "whole_process_seconds"),
+                                                                    get(peer, "whole_process_seconds"))
+    pre_total = (get("trl_precompute", "epoch1_seconds") or 0) + (get("trl_precompute", "precompute_seconds") or 0)
+    s["ratio_1c_epoch_ours_best_vs_trl_precompute_epoch_plus_precompute"] = _ratio(
+        get("ours", "epoch1_seconds"), pre_total or None)
+    one_thread = ours.get("ours_lora_stream", {})
+    cached = _groups(ok, "ours_lora_cached").get("ours_lora_cached", {})
+    s["ratio_3_overlap_stream_vs_cached"] = _ratio(one_thread.get("epoch1_seconds"), cached.get("epoch1_seconds"))
+    return s
+
+
+def full_ft_summary(ok: list[dict]) -> dict:
+    s: dict = {}
+    first = lambda prefix: next((r for r in ok if r["name"].startswith(prefix)), None)  # noqa: E731
+    pairs = (("ours_full", "trl_full", "2"), ("oursgc_full", "trlgc_full", "2b_gradient_checkpointing"))
+    for ours_p, trl_p, tag in pairs:
+        o, t = first(ours_p), first(trl_p)
+        if o and t:
+            s[f"full_ft_peak_rss_mib_{tag}"] = {"ours_trainer": o["trainer_peak_rss_mib"], "trl": t["peak_rss_mib"],
+                                                "trl_after_imports": t["rss_after_imports_mib"]}
+            s[f"ratio_{tag}_full_ft_peak_rss_ours_vs_trl"] = _ratio(o["trainer_peak_rss_mib"], t["peak_rss_mib"])
+            s[f"ratio_{tag}_full_ft_epoch_ours_vs_trl"] = _ratio(_ep1(o), _ep1(t))
+    return s
+
+
+TARGETS = {"ratio_1_epoch_ours_best_vs_trl_inline_best": 0.8, "ratio_1b_process_ours_best_vs_trl_inline_best": 1.0,
+           "ratio_1_epoch_ours_best_vs_trl_precompute_best": 0.8,
+           "ratio_1b_process_ours_best_vs_trl_precompute_best": 1.0,
+           "ratio_2_full_ft_peak_rss_ours_vs_trl": 0.6, "ratio_3_overlap_stream_vs_cached": 1.1}
+
+
+def report(args, runs: list[dict], seconds: float) -> None:
+    ok = [r for r in runs if "error" not in r]
+    summary = {**lora_summary(ok), **full_ft_summary(ok)}
+    result = {
+        "benchmark": "bench_dpo", "date": datetime.date.today().isoformat(), "machine": machine(),
+        "versions": versions(), "pairs": args.pairs, "epochs": args.epochs, "plan": args.plan,
+        "batch_size": QUICKSTART["train_batch_size_per_device"], "total_seconds": round(seconds, 1), "runs": runs,
+        "summary": summary,
+        "targets": {k: {"target": v, "measured": summary.get(k),
+                        "met": summary.get(k) is not None and summary[k] <= v} for k, v in TARGETS.items()},
+    }
+    print("\n[bench_dpo] summary (LoRA: medians per run kind; epoch s / whole process s / TRL precompute s)",
+          flush=True)
+    for g, v in summary["lora_runs"].items():
+        print(f"    {g:<40} {v['epoch1_seconds']} / {v['whole_process_seconds']} / {v['precompute_seconds']}",
+              flush=True)
+    for k, v in summary.items():
+        if k != "lora_runs":
+            print(f"    {k}: {v}", flush=True)
+    for k, v in result["targets"].items():
+        verdict = "not run" if v["measured"] is None else "met" if v["met"] else "MISSED"
+        print(f"    TARGET {k}: measured {v['measured']} (target <= {v['target']}) -> {verdict}", flush=True)
+    save(result, args.out, "dpo")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--pairs", type=int, default=32, help="ACLSum-derived pairs (default 32: 8 steps of 4)")
+    ap.add_argument("--pairs", type=int, default=32, help="ACLSum-derived pairs (default 32)")
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--plan", default="os,t,oc,of,tf",
-                    help="runs in order, comma-separated: os = ours LoRA, streaming reference pool (cache miss); "
-                         "t = TRL LoRA; oc = ours LoRA on the reference cache (hit); of / tf = ours / TRL full "
-                         "fine-tuning; ofg / tfg = of / tf with gradient checkpointing (TRL's default). E.g. os,t,oc,os,oc "
-                         "for an interleaved A/B of (3)")
+    ap.add_argument("--plan", default="os,t,oq,t2,tp,oc,of,tf",
+                    help="runs in order, comma-separated: os = ours LoRA, streaming reference pool (cache miss), one "
+                         "trainer thread; oq = the same with the quickstart's cpu_threads_after_reference; t / t2 = "
+                         "TRL LoRA inline with --trl-threads / 2 torch threads; tp = TRL LoRA with "
+                         "precompute_ref_log_probs=True on the thread count of the faster of t / t2 so far (2 if "
+                         "none); oc = ours LoRA on the reference cache (hit); of / tf = ours / TRL full "
+                         "fine-tuning; ofg / tfg = of / tf with gradient checkpointing (TRL's default). Repeat a "
+                         "token to repeat a run (medians)")
     ap.add_argument("--workdir", default="/tmp/bench_dpo")
     ap.add_argument("--out", default=None, help="results json (default benchmarks/results/dpo-<date>.json)")
     ap.add_argument("--timeout", type=int, default=1200, help="per run, seconds")
@@ -238,117 +438,24 @@ def main() -> None:
     ap.add_argument("--worker", choices=["trl"], help=argparse.SUPPRESS)
     ap.add_argument("--pairs-file", help=argparse.SUPPRESS)
     ap.add_argument("--full", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--precompute", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)  # worker: 0 = torch default
     ap.add_argument("--trl-gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--trl-autocast", action="store_true", help="TRL with its default bf16=True autocast")
     ap.add_argument("--trl-threads", type=int, default=1,
-                    help="torch threads for TRL: 1 (its fastest on this shared 2-core machine, see "
-                         "docs/benchmarks.md); 0 = torch's default, one per core")
+                    help="torch threads for the `t`, `tf` and `tfg` runs (default 1; `t2` is TRL with 2); "
+                         "0 = torch's default, one per core")
     args = ap.parse_args()
     if args.worker == "trl":
         sys.path.insert(0, str(REPO))
         return trl_worker(args)
 
-    work = Path(args.workdir)
-    logs = work / "logs"
-    pairs = write_pairs(work / "pairs.jsonl", args.pairs)
+    pairs = write_pairs(Path(args.workdir) / "pairs.jsonl", args.pairs)
     t_all = time.perf_counter()
-    print(f"[bench_dpo] {args.pairs} pairs, {args.epochs} epoch(s), logs in {logs}; load {loadavg()}", flush=True)
-    runs: list[dict] = []
-
-    def show(r: dict) -> dict:
-        keys = ("name", "rc", "process_seconds", "wall_seconds", "train_seconds", "ref_wait_seconds", "epochs",
-                "reference_cache", "trainer_peak_rss_mib", "peak_rss_mib", "load_before", "error")
-        print("[bench_dpo] " + json.dumps({k: r[k] for k in keys if k in r}), flush=True)
-        runs.append(r)
-        return r
-
-    cached_dir = work / "ours_cached"
-    shutil.rmtree(cached_dir, ignore_errors=True)  # filled by this invocation's first streaming LoRA run
-    count: dict[str, int] = {}
-    trl_kw = dict(autocast=args.trl_autocast, threads=args.trl_threads)
-    for tok in [t.strip() for t in args.plan.split(",") if t.strip()]:
-        k = count[tok] = count.get(tok, -1) + 1
-        if tok in ("os", "of", "ofg"):  # ours, streaming reference pool: fresh output dir, so a real cache miss
-            full = tok != "os"
-            name = {"os": "ours_lora_stream", "of": "ours_full_stream", "ofg": "oursgc_full_stream"}[tok]
-            fresh = work / f"{name}_{k}"
-            shutil.rmtree(fresh, ignore_errors=True)
-            r = show(run_ours(f"{name}_{k}", pairs, fresh, args.epochs, full, logs, args.timeout,
-                              gradient_checkpointing=tok == "ofg"))
-            if not full and "error" not in r and not (cached_dir / "ref_logps").exists():
-                shutil.copytree(fresh / "ref_logps", cached_dir / "ref_logps")  # the cache "oc" runs will hit
-        elif tok == "oc":  # ours on the reference cache a streaming run wrote (stage 3's rerun: cache hit)
-            if not (cached_dir / "ref_logps").exists():
-                raise SystemExit("--plan: 'oc' needs an earlier 'os' run (it reuses that run's reference cache)")
-            show(run_ours(f"ours_lora_cached_{k}", pairs, cached_dir, args.epochs, False, logs, args.timeout))
-        elif tok in ("t", "tf"):
-            full = tok == "tf"
-            show(run_trl(f"{'trl_full' if full else 'trl_lora'}_{k}", pairs, work, args.epochs, full, logs,
-                         args.timeout, **trl_kw))
-        elif tok == "tfg":  # TRL full fine-tuning with its default gradient checkpointing (memory for time)
-            show(run_trl(f"trlgc_full_{k}", pairs, work, args.epochs, True, logs, args.timeout,
-                         gradient_checkpointing=True, **trl_kw))
-        else:
-            raise SystemExit(f"--plan: unknown run '{tok}' (known: os, t, oc, of, tf, ofg, tfg)")
-
-    def med(vals):
-        vals = [v for v in vals if v is not None]
-        return round(statistics.median(vals), 2) if vals else None
-
-    ok = [r for r in runs if "error" not in r]
-    stream = [r for r in ok if re.fullmatch(r"ours_lora_stream_\d+", r["name"])]
-    cached = [r for r in ok if r["name"].startswith("ours_lora_cached")]
-    trl_lora = [r for r in ok if r["name"].startswith("trl_lora")]
-    ours_full = next((r for r in ok if r["name"].startswith("ours_full_stream")), None)
-    trl_full = next((r for r in ok if r["name"].startswith("trl_full")), None)
-    ep1 = lambda r: r["epochs"][0]["seconds"] if r.get("epochs") else None  # noqa: E731
-    summary = {
-        "epoch1_seconds": {"ours_stream": med(map(ep1, stream)), "ours_cached": med(map(ep1, cached)),
-                           "trl": med(map(ep1, trl_lora))},
-        "process_seconds": {"ours_stream": med(r["process_seconds"] for r in stream),
-                            "ours_cached": med(r["process_seconds"] for r in cached),
-                            "trl": med(r["process_seconds"] for r in trl_lora)},
-    }
-    summary["ratio_1_epoch_ours_vs_trl_lora"] = _ratio(summary["epoch1_seconds"]["ours_stream"],
-                                                       summary["epoch1_seconds"]["trl"])
-    summary["ratio_1b_process_ours_vs_trl_lora"] = _ratio(summary["process_seconds"]["ours_stream"],
-                                                          summary["process_seconds"]["trl"])
-    summary["ratio_3_overlap_stream_vs_cached"] = _ratio(summary["epoch1_seconds"]["ours_stream"],
-                                                         summary["epoch1_seconds"]["ours_cached"])
-    summary["ratio_3b_overlap_stage_seconds"] = _ratio(med(r["stage_seconds"] for r in stream),
-                                                       med(r["stage_seconds"] for r in cached))
-    if ours_full and trl_full:
-        summary["full_ft_peak_rss_mib"] = {"ours_trainer": ours_full["trainer_peak_rss_mib"],
-                                           "trl": trl_full["peak_rss_mib"],
-                                           "trl_after_imports": trl_full["rss_after_imports_mib"]}
-        summary["ratio_2_full_ft_peak_rss_ours_vs_trl"] = _ratio(ours_full["trainer_peak_rss_mib"],
-                                                                 trl_full["peak_rss_mib"])
-        summary["ratio_1c_epoch_full_ft_ours_vs_trl"] = _ratio(ep1(ours_full), ep1(trl_full))
-    ours_gc = next((r for r in ok if r["name"].startswith("oursgc_full")), None)
-    trl_gc = next((r for r in ok if r["name"].startswith("trlgc_full")), None)
-    if ours_gc and trl_gc:  # both with gradient checkpointing
-        summary["full_ft_gradient_checkpointing_peak_rss_mib"] = {"ours_trainer": ours_gc["trainer_peak_rss_mib"],
-                                                                  "trl": trl_gc["peak_rss_mib"]}
-        summary["ratio_2b_full_ft_peak_rss_ours_vs_trl_both_gradient_checkpointing"] = _ratio(
-            ours_gc["trainer_peak_rss_mib"], trl_gc["peak_rss_mib"])
-        summary["ratio_1d_epoch_full_ft_ours_vs_trl_both_gradient_checkpointing"] = _ratio(ep1(ours_gc), ep1(trl_gc))
-    targets = {"ratio_1_epoch_ours_vs_trl_lora": 0.8, "ratio_2_full_ft_peak_rss_ours_vs_trl": 0.6,
-               "ratio_3_overlap_stream_vs_cached": 1.1}
-    result = {
-        "benchmark": "bench_dpo", "date": datetime.date.today().isoformat(), "machine": machine(),
-        "versions": versions(), "pairs": args.pairs, "epochs": args.epochs, "batch_size": 4,
-        "total_seconds": round(time.perf_counter() - t_all, 1), "runs": runs, "summary": summary,
-        "targets": {k: {"target": v, "measured": summary.get(k),
-                        "met": summary.get(k) is not None and summary[k] <= v} for k, v in targets.items()},
-    }
-    print("\n[bench_dpo] summary", flush=True)
-    for k, v in summary.items():
-        print(f"    {k}: {v}", flush=True)
-    for k, v in result["targets"].items():
-        print(f"    TARGET {k}: measured {v['measured']} (target <= {v['target']}) -> "
-              f"{'met' if v['met'] else 'MISSED'}", flush=True)
-    save(result, args.out, "dpo")
+    print(f"[bench_dpo] {args.pairs} pairs, {args.epochs} epoch(s), plan {args.plan}, logs in "
+          f"{Path(args.workdir) / 'logs'}; load {loadavg()}", flush=True)
+    runs = run_plan(args, pairs)
+    report(args, runs, time.perf_counter() - t_all)
 
 
 if __name__ == "__main__":
