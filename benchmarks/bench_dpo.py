@@ -50,6 +50,40 @@ from _common import (PY, REPO, bench_env, emit, loadavg, machine, result_marker_
 CONFIG = REPO / "configs/quickstart/03_dpo_train.yaml"
 QUICKSTART = yaml.safe_load(CONFIG.read_text())
 FULL_LR = 5.0e-6  # the quickstart config comment's full fine-tuning rate
+# Larger members of the embedded model's family (the published config.json of HuggingFaceTB/SmolLM2-360M-Instruct and
+# SmolLM2-1.7B-Instruct); every other field is the embedded 135M's. Built with random weights at run time.
+SHAPES = {
+    "smollm2-360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
+                         num_key_value_heads=5),
+    "smollm2-1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
+                         num_key_value_heads=32),
+}
+
+
+def random_model(shape: str, workdir: Path) -> Path:
+    """The embedded model's architecture at a larger published size, random weights (`from_config`: nothing to
+    download), saved once beside the embedded tokenizer. What it says is noise; only time and memory are measured."""
+    import os
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = workdir / "models" / f"{shape}-random"
+    if (out / "config.json").exists():
+        return out
+    base = REPO / QUICKSTART["model_id"]
+    cfg = AutoConfig.from_pretrained(base)
+    for k, v in SHAPES[shape].items():
+        setattr(cfg, k, v)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    tmp = out.with_name(out.name + ".tmp")  # a half-written folder never looks like a model
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
+    os.replace(tmp, out)
+    print(f"[bench_dpo] {shape} with random weights: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M "
+          f"parameters, in {out}", flush=True)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- the pairs
@@ -84,6 +118,8 @@ def trl_worker(args) -> None:
 
     rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     sets = [f"train_path={args.pairs_file}", f"num_epochs={args.epochs}"]
+    if args.model_id:
+        sets.append(f"model_id={args.model_id}")
     if args.full:
         sets += ["lora_config=null", f"learning_rate={FULL_LR}"]
     cfg = load_config("03_dpo_train", str(CONFIG), sets)
@@ -188,6 +224,8 @@ def run_ours(name: str, pairs: Path, out_dir: Path, args, full: bool = False, gr
     # One trainer thread throughout unless `quickstart_threads`: then the quickstart's own
     # cpu_threads_after_reference (the trainer takes the reference actor's core once the reference pass is over).
     sets = [f"train_path={pairs}", f"output_dir={out_dir}", f"num_epochs={args.epochs}"]
+    if args.model_id:
+        sets.append(f"model_id={args.model_id}")
     if not quickstart_threads:
         sets.append("cpu_threads_after_reference=null")
     if full:
@@ -245,7 +283,8 @@ def run_trl(name: str, pairs: Path, args, full: bool = False, gradient_checkpoin
     cmd = [PY, str(Path(__file__).resolve()), "--worker", "trl", "--pairs-file", str(pairs), "--workdir", str(work),
            "--epochs", str(args.epochs), "--threads", str(threads)] + (["--full"] if full else []) + \
           (["--trl-gradient-checkpointing"] if gradient_checkpointing else []) + \
-          (["--trl-autocast"] if args.trl_autocast else []) + (["--precompute"] if precompute else [])
+          (["--trl-autocast"] if args.trl_autocast else []) + (["--precompute"] if precompute else []) + \
+          (["--model-id", args.model_id] if args.model_id else [])
     logs = work / "logs"
     load0 = loadavg()
     rc, wall, _ = run_logged(cmd, logs / f"{name}.log", bench_env(), args.timeout)
@@ -399,6 +438,7 @@ def report(args, runs: list[dict], seconds: float) -> None:
     result = {
         "benchmark": "bench_dpo", "date": datetime.date.today().isoformat(), "machine": machine(),
         "versions": versions(), "pairs": args.pairs, "epochs": args.epochs, "plan": args.plan,
+        "model": f"{args.model_shape} (random weights)" if args.model_shape else QUICKSTART["model_id"],
         "batch_size": QUICKSTART["train_batch_size_per_device"], "total_seconds": round(seconds, 1), "runs": runs,
         "summary": summary,
         "targets": {k: {"target": v, "measured": summary.get(k),
@@ -431,6 +471,9 @@ def main() -> None:
                          "none); oc = ours LoRA on the reference cache (hit); of / tf = ours / TRL full "
                          "fine-tuning; ofg / tfg = of / tf with gradient checkpointing (TRL's default). Repeat a "
                          "token to repeat a run (medians)")
+    ap.add_argument("--model-shape", choices=sorted(SHAPES),
+                    help="instead of the embedded 135M model, its architecture at this published size with random "
+                         "weights, built at run time (for time and memory only)")
     ap.add_argument("--workdir", default="/tmp/bench_dpo")
     ap.add_argument("--out", default=None, help="results json (default benchmarks/results/dpo-<date>.json)")
     ap.add_argument("--timeout", type=int, default=1200, help="per run, seconds")
@@ -439,6 +482,7 @@ def main() -> None:
     ap.add_argument("--pairs-file", help=argparse.SUPPRESS)
     ap.add_argument("--full", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--precompute", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model-id", help=argparse.SUPPRESS)  # worker: the model folder both sides train
     ap.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)  # worker: 0 = torch default
     ap.add_argument("--trl-gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--trl-autocast", action="store_true", help="TRL with its default bf16=True autocast")
@@ -451,6 +495,8 @@ def main() -> None:
         return trl_worker(args)
 
     pairs = write_pairs(Path(args.workdir) / "pairs.jsonl", args.pairs)
+    if args.model_shape:
+        args.model_id = str(random_model(args.model_shape, Path(args.workdir)))
     t_all = time.perf_counter()
     print(f"[bench_dpo] {args.pairs} pairs, {args.epochs} epoch(s), plan {args.plan}, logs in "
           f"{Path(args.workdir) / 'logs'}; load {loadavg()}", flush=True)
