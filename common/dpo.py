@@ -330,11 +330,16 @@ def write_reference_cache(cache: ReferenceCache, store, num_pairs: int) -> bool:
     df = store.read()[[S.PAIR_ID, S.REF_CHOSEN_LOGPS, S.REF_REJECTED_LOGPS]]
     if len(df) != num_pairs:
         return False
+    _write_cache(cache, df)
+    return True
+
+
+def _write_cache(cache: ReferenceCache, df: pd.DataFrame) -> None:
+    """Atomically: a crash mid-write never leaves a cache file that a rerun would take as complete."""
     cache.path.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.path.with_suffix(".tmp")
     df.to_parquet(tmp)
     os.replace(tmp, cache.path)
-    return True
 
 
 def valid_with_reference(tokenized, cfg: DPOStageConfig, ref_path: str, cache: ReferenceCache,
@@ -344,15 +349,11 @@ def valid_with_reference(tokenized, cfg: DPOStageConfig, ref_path: str, cache: R
     cached the same way. Returns (dataset, "hit" | "computed")."""
     from common.reference import add_reference_logps
 
-    ds = with_cached_logps(tokenized, cache) if cache.hit else None
+    ds = with_cached_logps(tokenized, cache) if cache.hit else None  # materialised
     if ds is not None:
-        return ds.materialize(), "hit"
+        return ds, "hit"
     ds = add_reference_logps(tokenized, cfg, ref_path, provenance_dir=provenance_dir).materialize()
-    df = ds.select_columns([S.PAIR_ID, S.REF_CHOSEN_LOGPS, S.REF_REJECTED_LOGPS]).to_pandas()
-    cache.path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.path.with_suffix(".tmp")
-    df.to_parquet(tmp)
-    os.replace(tmp, cache.path)
+    _write_cache(cache, ds.select_columns([S.PAIR_ID, S.REF_CHOSEN_LOGPS, S.REF_REJECTED_LOGPS]).to_pandas())
     return ds, "computed"
 
 
