@@ -4,20 +4,19 @@
     python 02_judge/judge.py --config configs/quickstart/02_judge.yaml --set pairing.min_length_gap=5 --force
     python 02_judge/judge.py --config configs/gpu/02_judge.yaml --dry-run   # plan only, no GPU needed
 
-Reads `<output_dir>/01_generate/`, drops the candidates `filters` reject (empty, too short or long, invalid
+Reads `<output_dir>/01_generate/` and streams it through one Ray Data pipeline (per-prompt steps grouped by prompt:
+common/per_prompt.py): drops the candidates `filters` reject (empty, too short or long, invalid
 characters, duplicates), scores the rest with the judge named by `judge.type` (similarity: MiniLM on CPU; quiz,
 rubric: a judge LLM through vLLM on Ray Data) and pairs them with the `pairing` rule. Writes `<output_dir>/02_judge/`:
-the pairs under data/ (prompt, chosen, rejected as chat messages, plus both scores and lengths), candidates.parquet
+the pairs under data/ (prompt, chosen, rejected as chat messages, plus both scores and lengths), candidates.parquet/
 (every candidate, its score and why it was filtered), scores.png, length_gap.png and manifest.json; with
-`pairing.valid_fraction`, the pairs of that share of prompts go to valid_pairs.parquet instead (stage 3's validation).
+`pairing.valid_fraction`, the pairs of that share of prompts go to valid_pairs.parquet/ instead (stage 3's
+validation). The .parquet outputs are folders of parquet files; pandas and pyarrow read each as one table.
 """
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
-import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -25,10 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import schema as S  # noqa: E402
 from common.data import num_blocks  # noqa: E402
 from common.errors import UserError, cli  # noqa: E402
-from common.filters import filter_reasons, filter_warnings  # noqa: E402
+from common.filters import filter_warnings  # noqa: E402
 from common.io import StageOutput, read_manifest  # noqa: E402
-from common.judges import build_judge, error_counts, num_words, parse_details, score_range  # noqa: E402
-from common.pairing import check_threshold, make_pairs, pairable, split_valid, summarize  # noqa: E402
+from common.judges import build_judge, error_counts, score_range  # noqa: E402
+from common.pairing import check_threshold, holdout_count, summarize  # noqa: E402
+from common.per_prompt import (all_candidates, column, details, explode, filter_totals, holdout_cutoff,  # noqa: E402
+                               mark_filters, pair_prompts, pair_totals)
 from common.plots import length_gap_histogram, score_histogram  # noqa: E402
 from common.ray_setup import Ask, check_fits, init_ray, print_plan  # noqa: E402
 from common.stage import parse  # noqa: E402
@@ -40,7 +41,7 @@ STAGE = "02_judge"
 def main() -> None:
     args, cfg = parse(STAGE, __doc__)
     judge = build_judge(cfg.judge)
-    asks = judge.asks() + [Ask("read / filter task", 1, {"CPU": 0.25})]
+    asks = judge.asks() + [Ask("read / filter / pair task", 1, {"CPU": 0.25})]
     print_plan(STAGE, asks, cfg.ray)
     check_threshold(cfg.judge, cfg.pairing, *score_range(cfg.judge), args.config)
     if args.dry_run:
@@ -51,78 +52,79 @@ def main() -> None:
     if out.reusable():
         return
 
-    # Filters first, on the driver (duplicates need all of a prompt's candidates at once): the judge never spends
-    # time on a candidate that could not be paired anyway, and "nothing to pair" fails before any model starts.
-    table = pq.read_table(Path(upstream["dir"]) / "data").sort_by([(S.PROMPT_ID, "ascending"),
-                                                                   (S.CANDIDATE, "ascending")])
-    n = table.num_rows
-    reasons = filter_reasons(table.select([S.PROMPT_ID, S.RESPONSE]).to_pandas(), cfg.filters)
-    filtered = dict(Counter(r for r in reasons if r))
+    init_ray(cfg.ray)
+    import ray
+    from ray.data.expressions import col
+
+    # One Ray Data pipeline from stage 1's files to ours: the driver holds counts and one number per candidate,
+    # never a row. Block count set at read time, not by repartition() (an all-to-all that can hang on 2 cores).
+    blocks = num_blocks(int(upstream["rows"]["candidates"]), max(a.count for a in asks))
+    candidates = ray.data.read_parquet(str(Path(upstream["dir"]) / "data"), override_num_blocks=blocks)
+
+    # Filters first (duplicates are per prompt: a groupby), so the judge never spends time on a candidate that could
+    # not be paired anyway, and "nothing to pair" fails before any model starts.
+    marked = mark_filters(candidates, cfg.filters, blocks).materialize()
+    n = marked.count()
+    filtered, can_pair = filter_totals(marked)
     for warning in filter_warnings(filtered, n):  # a filter made for the quickstart can eat another task's answers
         print(f"[{STAGE}] {warning}", flush=True)
-    kept = table.filter(pa.array([not r for r in reasons]))
-    if not pairable(kept.column(S.PROMPT_ID).to_pylist(), kept.column(S.RESPONSE).to_pylist()):
+    if not can_pair:
         raise UserError(f"{args.config}: 0 pairs possible: the filters removed {sum(filtered.values())} of {n} "
                         f"candidates {filtered} and no prompt has two different candidates left, so there is "
                         f"nothing for stage 3 to train on; loosen `filters` or sample more candidates (sampling.n)")
 
-    init_ray(cfg.ray)
-    import ray
-
     t0 = time.time()
-    # Block count set here, not by repartition(): an all-to-all repartition wants a whole free CPU and can hang on
-    # 2 cores. Contiguous slices keep a prompt's candidates together (its source is embedded once per batch).
-    blocks = num_blocks(kept.num_rows, max(a.count for a in asks))
-    size = -(-kept.num_rows // blocks)
-    candidates = ray.data.from_arrow([kept.slice(i, size) for i in range(0, kept.num_rows, size)])
-    scored = judge.score(candidates).to_pandas()  # one row per candidate: small enough for the driver
-    scored = scored.sort_values([S.PROMPT_ID, S.CANDIDATE], ignore_index=True)
+    kept = marked.filter(expr=col(S.FILTER_REASON) == "").drop_columns([S.FILTER_REASON, S.PAIRABLE])
+    scored = judge.score(kept).materialize()  # the judge's actors are gone before the pairing groupby starts
     seconds = time.time() - t0
+    scores = column(scored, S.SCORE)
+    unparseable = int((scores != scores).sum())
 
-    details = parse_details(scored[S.JUDGE_DETAIL])
-    unparseable = int(scored[S.SCORE].isna().sum())
-    pairs, pair_stats = make_pairs(scored, cfg.pairing, cfg.seed)
-    if not pairs:
+    per_prompt = pair_prompts(scored, cfg.pairing, cfg.seed, blocks).materialize()
+    pair_stats = pair_totals(per_prompt)
+    if not pair_stats["pairs"]:
         raise UserError(f"{args.config}: 0 pairs from {n} candidates ({sum(filtered.values())} filtered "
                         f"{filtered or ''}, {unparseable} unparseable, {pair_stats['ties_dropped']} ties): nothing for "
                         f"stage 3 to train on; lower pairing.min_length_gap or pairing.quality_margin, loosen "
                         f"filters, or sample more candidates per prompt in stage 1 (sampling.n)")
 
     # Held out by prompt: stage 3 evaluates on them (eval/loss), and never trains on them.
-    train, valid = split_valid(pairs, cfg.pairing.valid_fraction, cfg.seed)
+    cutoff = holdout_cutoff(per_prompt, cfg.pairing.valid_fraction)
+    held_prompts = holdout_count(pair_stats["prompts_with_pairs"], cfg.pairing.valid_fraction)
     out.begin()
-    ray.data.from_items(train, override_num_blocks=1).write_parquet(str(out.data))
-    if valid:
-        pq.write_table(pa.Table.from_pylist(valid), out.path("valid_pairs.parquet"))
-    removed = table.filter(pa.array([bool(r) for r in reasons])).drop_columns([S.PROMPT]).to_pandas()
-    removed[S.FILTER_REASON] = [r for r in reasons if r]
-    removed[S.NUM_WORDS] = [num_words(t) for t in removed[S.RESPONSE]]
-    scored[S.FILTER_REASON] = ""
-    everyone = pd.concat([scored.drop(columns=[S.PROMPT]), removed], ignore_index=True)
-    everyone.sort_values([S.PROMPT_ID, S.CANDIDATE]).to_parquet(out.path("candidates.parquet"), index=False)
-    score_histogram(scored[S.SCORE], out.path("scores.png"), f"{cfg.judge.type} judge: {len(scored)} candidates",
+    explode(per_prompt, cutoff, held=False).write_parquet(str(out.data))
+    valid = explode(per_prompt, cutoff, held=True).materialize() if cutoff >= 0 else None
+    num_valid = valid.count() if valid is not None else 0
+    if num_valid:
+        valid.write_parquet(str(out.path("valid_pairs.parquet")))  # a folder of parquet files, read as one table
+    all_candidates(marked, scored).write_parquet(str(out.path("candidates.parquet")))
+    score_histogram(scores, out.path("scores.png"), f"{cfg.judge.type} judge: {len(scores)} candidates",
                     threshold=cfg.pairing.quality_threshold)
-    length_gap_histogram([p[S.CHOSEN_WORDS] for p in pairs], [p[S.REJECTED_WORDS] for p in pairs],
-                         out.path("length_gap.png"), f"{len(pairs)} pairs: chosen minus rejected length")
+    words = pq.read_table(out.data, columns=[S.CHOSEN_WORDS, S.REJECTED_WORDS]).to_pydict()
+    if num_valid:
+        held = pq.read_table(out.path("valid_pairs.parquet"), columns=[S.CHOSEN_WORDS, S.REJECTED_WORDS]).to_pydict()
+        words = {k: words[k] + held[k] for k in words}
+    length_gap_histogram(words[S.CHOSEN_WORDS], words[S.REJECTED_WORDS], out.path("length_gap.png"),
+                         f"{pair_stats['pairs']} pairs: chosen minus rejected length")
+    num_train = pair_stats["pairs"] - num_valid
     stats = {
         "judge": cfg.judge.type, "candidates": n, "filtered": sum(filtered.values()), "filtered_by_reason": filtered,
-        "candidates_scored": len(scored) - unparseable, "unparseable": unparseable,
-        "unparseable_by_reason": error_counts(details), "score": summarize(scored[S.SCORE]),
-        **pair_stats, "valid_pairs": len(valid), "valid_prompts": len({p[S.PROMPT_ID] for p in valid}),
-        "judge_details": judge.summary(details), "judge_seconds": round(seconds, 1),
+        "candidates_scored": len(scores) - unparseable, "unparseable": unparseable,
+        "unparseable_by_reason": error_counts(details(scored)), "score": summarize(scores.tolist()),
+        **pair_stats, "valid_pairs": num_valid, "valid_prompts": held_prompts if num_valid else 0,
+        "judge_details": judge.summary(details(scored)), "judge_seconds": round(seconds, 1),
     }
-    manifest = out.commit(rows={"pairs": len(train), "valid_pairs": len(valid), "candidates": n}, stats=stats,
-                          valid_pairs=str(out.final / "valid_pairs.parquet") if valid else None)
-    held = f"{len(valid)} pairs of {stats['valid_prompts']} prompts held out for validation. " if valid else ""
-    print(f"[{STAGE}] {n} candidates: {sum(filtered.values())} filtered {filtered or ''}, {len(scored)} judged by "
+    manifest = out.commit(rows={"pairs": num_train, "valid_pairs": num_valid, "candidates": n}, stats=stats,
+                          valid_pairs=str(out.final / "valid_pairs.parquet") if num_valid else None)
+    held = f"{num_valid} pairs of {stats['valid_prompts']} prompts held out for validation. " if num_valid else ""
+    print(f"[{STAGE}] {n} candidates: {sum(filtered.values())} filtered {filtered or ''}, {len(scores)} judged by "
           f"{cfg.judge.type} in {seconds:.0f}s ({unparseable} unparseable, mean score "
-          f"{stats['score'].get('mean', float('nan')):.3f}). {len(pairs)} pairs from {pair_stats['prompts_with_pairs']} "
-          f"of {pair_stats['prompts']} prompts ({pair_stats['pairs_by_rule']['quality']} on quality, "
-          f"{pair_stats['pairs_by_rule']['length']} on length; {pair_stats['ties_dropped']} ties dropped; at most "
-          f"{pair_stats['pairs_per_prompt_max']} per prompt); chosen minus rejected, on average: "
-          f"{pair_stats['chosen_minus_rejected_words_mean']:+.1f} words, "
-          f"{pair_stats['chosen_minus_rejected_score_mean']:+.3f} score. {held}"
-          f"Output: {manifest['dir']}", flush=True)
+          f"{stats['score'].get('mean', float('nan')):.3f}). {pair_stats['pairs']} pairs from "
+          f"{pair_stats['prompts_with_pairs']} of {pair_stats['prompts']} prompts "
+          f"({pair_stats['pairs_by_rule']['quality']} on quality, {pair_stats['pairs_by_rule']['length']} on length; "
+          f"{pair_stats['ties_dropped']} ties dropped; at most {pair_stats['pairs_per_prompt_max']} per prompt); "
+          f"chosen minus rejected, on average: {pair_stats['chosen_minus_rejected_words_mean']:+.1f} words, "
+          f"{pair_stats['chosen_minus_rejected_score_mean']:+.3f} score. {held}Output: {manifest['dir']}", flush=True)
 
 
 if __name__ == "__main__":

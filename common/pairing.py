@@ -20,6 +20,7 @@ from collections import defaultdict
 from typing import Any, Iterable
 
 import pandas as pd
+import pyarrow as pa
 
 from common import schema as S
 from common.config import JudgeConfig, PairingConfig
@@ -112,9 +113,34 @@ def _messages(value: Any) -> list[dict[str, str]]:
     return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
 
 
+_MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+# Stage 2's pair rows: TRL's conversational preference format plus where each pair came from.
+PAIR_SCHEMA = pa.schema([(S.PAIR_ID, pa.string()), (S.PROMPT_ID, pa.string()), (S.PROMPT, _MESSAGES),
+                         (S.CHOSEN, _MESSAGES), (S.REJECTED, _MESSAGES), (S.SOURCE, pa.string()),
+                         (S.CHOSEN_SCORE, pa.float64()), (S.REJECTED_SCORE, pa.float64()),
+                         (S.CHOSEN_WORDS, pa.int64()), (S.REJECTED_WORDS, pa.int64()), (S.DECIDED_BY, pa.string())])
+
+
+def trl_row(prompt_id: str, pair: dict) -> dict:
+    """One pair of `pairs_for_prompt` as a row of PAIR_SCHEMA."""
+    c, r = pair["chosen"], pair["rejected"]
+    return {
+        S.PAIR_ID: pair_id(prompt_id, c[S.RESPONSE], r[S.RESPONSE]),
+        S.PROMPT_ID: prompt_id,
+        S.PROMPT: _messages(c[S.PROMPT]),
+        S.CHOSEN: [{"role": "assistant", "content": c[S.RESPONSE]}],
+        S.REJECTED: [{"role": "assistant", "content": r[S.RESPONSE]}],
+        S.SOURCE: c[S.SOURCE],
+        S.CHOSEN_SCORE: float(c[S.SCORE]), S.REJECTED_SCORE: float(r[S.SCORE]),
+        S.CHOSEN_WORDS: int(c[S.NUM_WORDS]), S.REJECTED_WORDS: int(r[S.NUM_WORDS]),
+        S.DECIDED_BY: pair["kind"],
+    }
+
+
 def make_pairs(scored: pd.DataFrame, cfg: PairingConfig, seed: int) -> tuple[list[dict], dict[str, Any]]:
-    """Scored, filtered candidates -> TRL conversational preference rows (see common.schema) and pairing stats.
-    Candidates with a NaN score (the judge's output was unparseable) are never paired."""
+    """Scored, filtered candidates -> TRL conversational preference rows (see common.schema) and pairing stats,
+    in memory: the rule on a small table (tests, notebooks). Stage 2 runs the same rule per prompt on Ray Data
+    (common.per_prompt). Candidates with a NaN score (the judge's output was unparseable) are never paired."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in scored.to_dict("records"):
         groups[r[S.PROMPT_ID]].append(r)
@@ -125,19 +151,7 @@ def make_pairs(scored: pd.DataFrame, cfg: PairingConfig, seed: int) -> tuple[lis
         for k, v in counts.items():
             totals[k] += v
         per_prompt.append(len(kept))
-        for p in kept:
-            c, r = p["chosen"], p["rejected"]
-            out.append({
-                S.PAIR_ID: pair_id(pid, c[S.RESPONSE], r[S.RESPONSE]),
-                S.PROMPT_ID: pid,
-                S.PROMPT: _messages(c[S.PROMPT]),
-                S.CHOSEN: [{"role": "assistant", "content": c[S.RESPONSE]}],
-                S.REJECTED: [{"role": "assistant", "content": r[S.RESPONSE]}],
-                S.SOURCE: c[S.SOURCE],
-                S.CHOSEN_SCORE: float(c[S.SCORE]), S.REJECTED_SCORE: float(r[S.SCORE]),
-                S.CHOSEN_WORDS: int(c[S.NUM_WORDS]), S.REJECTED_WORDS: int(r[S.NUM_WORDS]),
-                S.DECIDED_BY: p["kind"],
-            })
+        out.extend(trl_row(pid, p) for p in kept)
     with_pairs = [n for n in per_prompt if n]
     stats = {
         "pairs": len(out),
@@ -175,13 +189,24 @@ def summarize(values: Iterable[float]) -> dict[str, float]:
             "max": round(s[-1], 4)}
 
 
+def holdout_rank(seed: int, prompt_id: str) -> int:
+    """Where a prompt stands in the validation holdout: the lowest ranks are held out (a 48-bit hash)."""
+    return _tiebreak(seed, "valid", prompt_id)
+
+
+def holdout_count(prompts: int, fraction: float) -> int:
+    """How many of `prompts` (with pairs) are held out: a non-zero fraction holds out at least one and always
+    leaves one to train on."""
+    if fraction <= 0 or prompts < 2:
+        return 0
+    return min(prompts - 1, max(1, round(fraction * prompts)))
+
+
 def split_valid(pairs: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, valid): the pairs of `fraction` of the prompts held out for validation, chosen by a hash of (seed,
     prompt id), so the split is deterministic, independent of row order, and a prompt's pairs are all on one side.
-    A non-zero fraction holds out at least one prompt and always leaves one to train on."""
+    In memory; stage 2 makes the same split on Ray Data (common.per_prompt.holdout_cutoff)."""
     prompts = sorted({p[S.PROMPT_ID] for p in pairs})
-    if fraction <= 0 or len(prompts) < 2:
-        return list(pairs), []
-    k = min(len(prompts) - 1, max(1, round(fraction * len(prompts))))
-    held = set(sorted(prompts, key=lambda pid: _tiebreak(seed, "valid", pid))[:k])
+    k = holdout_count(len(prompts), fraction)
+    held = set(sorted(prompts, key=lambda pid: holdout_rank(seed, pid))[:k])
     return [p for p in pairs if p[S.PROMPT_ID] not in held], [p for p in pairs if p[S.PROMPT_ID] in held]

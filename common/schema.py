@@ -40,6 +40,10 @@ SKIP = "skip_reason"  # "" = generated
 # stage 2's scored-candidates file and pairs
 FILTER_REASON = "filter_reason"  # "" = kept, else the filter that removed the candidate
 DECIDED_BY = "decided_by"  # "quality" or "length": which branch of the pairing rule made the pair
+# stage 2's working columns (never written): common.per_prompt
+PAIRABLE = "prompt_pairable"  # the candidate's prompt has two different texts left after the filters
+PAIRS_JSON = "pairs_json"  # one prompt's pairs, JSON of TRL rows
+HOLDOUT_RANK = "holdout_rank"  # orders the prompts with pairs for the validation holdout; -1 = no pairs
 
 # stage 3's tokenised pairs (common.tokenize -> reference actors -> trainers)
 PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS = "prompt_ids", "chosen_ids", "rejected_ids"
