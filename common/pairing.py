@@ -86,7 +86,8 @@ def _select(decided: list[dict], cap: int, seed: int) -> list[dict]:
 def pairs_for_prompt(rows: list[dict], cfg: PairingConfig, seed: int) -> tuple[list[dict], dict[str, int]]:
     """One prompt's candidates (dicts with RESPONSE, SCORE, NUM_WORDS) -> (winner/loser dicts, counts)."""
     counts = dict(ties_dropped=0, identical_skipped=0, over_cap=0)
-    rows = [r for r in rows if not math.isnan(float(r[S.SCORE]))]  # unparseable: never paired
+    rows = [r for r in rows if r[S.SCORE] is not None and not math.isnan(float(r[S.SCORE]))]  # unparseable (NaN,
+    # or null once Arrow has read it from pandas): never paired
     decided = []
     for i in range(len(rows)):
         for j in range(i + 1, len(rows)):

@@ -1,0 +1,77 @@
+"""Stage 2's per-prompt steps on a real local Ray Data (common.per_prompt) give what the in-memory rule gives
+(common.filters.filter_reasons, common.pairing.make_pairs / split_valid) on the same hand-made candidates: the same
+filter reasons, pairs, stats and validation split, whatever the block layout."""
+import math
+import random
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from common import schema as S
+from common.config import FilterConfig, PairingConfig
+from common.filters import filter_reasons
+from common.pairing import make_pairs, split_valid
+from common.per_prompt import (all_candidates, column, explode, filter_totals, holdout_cutoff, mark_filters,
+                               pair_prompts, pair_totals)
+
+pytestmark = pytest.mark.slow  # starts Ray
+
+RULE = PairingConfig(quality_threshold=0.6, quality_margin=0.05, min_length_gap=3, max_pairs_per_prompt=2)
+FILTERS = FilterConfig(min_words=2, max_words=40, invalid_chars="[<>]")
+
+
+def candidates(prompts=40, n=5, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for p in range(prompts):
+        texts = [" ".join(f"w{rng.randrange(30)}" for _ in range(rng.randrange(1, 45))) for _ in range(n)]
+        texts[rng.randrange(n)] = texts[0] if p % 3 == 0 else texts[1] + " <b>"  # a duplicate or invalid_chars
+        for k, t in enumerate(texts):
+            score = math.nan if (p + k) % 17 == 0 else round(rng.random(), 3)  # some unparseable
+            rows.append({S.PROMPT_ID: f"p{p:03d}", S.CANDIDATE: k, S.RESPONSE: t, S.SOURCE: f"source {p}",
+                         S.PROMPT: [{"role": "user", "content": f"Summarize: source {p}"}], S.SCORE: score,
+                         S.NUM_WORDS: len(t.split())})
+    rng.shuffle(rows)  # stage 1's rows arrive in any order: the per-prompt steps must not care
+    return pd.DataFrame(rows)
+
+
+def test_same_filters_pairs_stats_and_split_as_in_memory(ray_local):
+    df = candidates()
+    ds = ray_local.data.from_arrow(pa.Table.from_pandas(df.drop(columns=[S.SCORE, S.NUM_WORDS]),
+                                                        preserve_index=False)).repartition(7)
+    marked = mark_filters(ds, FILTERS, num_blocks=3).materialize()
+    ordered = df.sort_values([S.PROMPT_ID, S.CANDIDATE], ignore_index=True)
+    expected = filter_reasons(ordered, FILTERS)
+    got = marked.to_pandas().sort_values([S.PROMPT_ID, S.CANDIDATE])[S.FILTER_REASON].tolist()
+    assert got == expected and {"duplicate", "invalid_chars", "too_short", "too_long"} <= set(expected)
+    removed, can_pair = filter_totals(marked)
+    assert removed == {r: expected.count(r) for r in set(expected) if r} and can_pair
+
+    kept = ordered[[not r for r in expected]]
+    scored = ray_local.data.from_pandas(kept).repartition(5)  # as the judge leaves it: scored, any blocks
+    per_prompt = pair_prompts(scored, RULE, seed=3, num_blocks=4).materialize()
+    pairs, stats = make_pairs(kept, RULE, seed=3)
+    assert pair_totals(per_prompt) == stats and stats["pairs"] > 20 and stats["ties_dropped"] > 0
+
+    train, valid = split_valid(pairs, 0.2, seed=3)
+    cutoff = holdout_cutoff(per_prompt, 0.2)
+    for held, want in ((False, train), (True, valid)):
+        got = explode(per_prompt, cutoff, held).to_pandas().sort_values(S.PAIR_ID, ignore_index=True)
+        want = pd.DataFrame(want).sort_values(S.PAIR_ID, ignore_index=True)
+        flat = [S.PROMPT, S.CHOSEN, S.REJECTED]
+        pd.testing.assert_frame_equal(got.drop(columns=flat), want.drop(columns=flat), check_dtype=False)
+        assert got[S.CHOSEN].map(list).tolist() == want[S.CHOSEN].tolist()
+    assert holdout_cutoff(per_prompt, 0.0) == -1  # no validation: every pair trains
+    assert len(explode(per_prompt, -1, held=False).to_pandas()) == stats["pairs"]
+
+    every = all_candidates(marked, scored.map_batches(lambda b: b)).to_pandas()  # judged + removed, once each
+    assert len(every) == len(df) and (every[S.FILTER_REASON] != "").sum() == sum(map(bool, expected))
+    assert column(scored, S.SCORE).shape == (len(kept),)
+
+
+def test_no_pairable_prompt_is_reported(ray_local):
+    rows = [{S.PROMPT_ID: "p", S.CANDIDATE: k, S.RESPONSE: "same words here", S.SOURCE: "s",
+             S.PROMPT: [{"role": "user", "content": "s"}]} for k in range(3)]
+    marked = mark_filters(ray_local.data.from_items(rows), FILTERS, num_blocks=1).materialize()
+    assert filter_totals(marked) == ({"duplicate": 2}, False)
