@@ -53,12 +53,12 @@ def mark_filters(candidates, cfg: FilterConfig, num_blocks: int):
 
 
 def filter_totals(marked) -> tuple[dict[str, int], bool]:
-    """({filter reason: candidates removed}, whether any prompt can still be paired): two small aggregates."""
+    """({filter reason: candidates removed}, whether any prompt can still be paired): one small aggregate."""
     from ray.data.aggregate import Count, Max
 
-    counts = marked.groupby(S.FILTER_REASON).aggregate(Count()).take_all()  # one row per reason
-    removed = {r[S.FILTER_REASON]: int(r["count()"]) for r in counts if r[S.FILTER_REASON]}
-    return dict(sorted(removed.items())), bool(marked.aggregate(Max(S.PAIRABLE))[f"max({S.PAIRABLE})"])
+    rows = marked.groupby(S.FILTER_REASON).aggregate(Count(), Max(S.PAIRABLE)).take_all()  # a row per reason
+    removed = {r[S.FILTER_REASON]: int(r["count()"]) for r in rows if r[S.FILTER_REASON]}
+    return dict(sorted(removed.items())), any(r[f"max({S.PAIRABLE})"] for r in rows)
 
 
 # ---------------------------------------------------------------- pairs
