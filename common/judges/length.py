@@ -1,6 +1,6 @@
 """The benchmark judge: a cheap, deterministic score from the response alone, no model (issue 20's scale benchmark).
 
-    SCORE = 0.5 * min(words, 100) / 100 + 0.5 * (crc32(response) % 10_000) / 10_000      in [0, 1)
+    SCORE = 0.5 * min(words, 50) / 50 + 0.5 * (crc32(response) % 10_000) / 10_000      in [0, 1)
 
 Half of it grows with the word count, half is a hash of the text, so a prompt's candidates get different scores
 spread over the whole range: some fall below the pairing threshold (quality pairs), some above (length pairs), and
@@ -24,7 +24,7 @@ BATCH_SIZE = 1024
 def length_score(text: str) -> float:
     """The score of one response (see the module docstring); in [0, 1)."""
     t = str(text or "")
-    return 0.5 * min(num_words(t), 100) / 100 + 0.5 * (zlib.crc32(t.encode()) % 10_000) / 10_000
+    return 0.5 * min(num_words(t), 50) / 50 + 0.5 * (zlib.crc32(t.encode()) % 10_000) / 10_000
 
 
 def _score_batch(batch):  # a pyarrow Table: nested columns (PROMPT) pass through untouched
