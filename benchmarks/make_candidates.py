@@ -11,7 +11,7 @@ written by common.io.StageOutput itself (the quickstart's stage-1 config with ou
 Every prompt has `--per-prompt` candidates and a distinct source of about `--source-bytes` (default 11 kB, an
 ACLSum-size article, ~2.5k tokens). Responses vary in length (mostly 8-120 words) and some are made to trip stage
 2's filters: empty, too short, too long, markup characters, and exact duplicates of a sibling. Deterministic for a
-seed; vectorised with numpy/pyarrow except one string slice per text (~5 s for 200k candidates).
+seed; one parquet file generated at a time, vectorised with numpy/pyarrow except one string slice per text.
 """
 from __future__ import annotations
 
@@ -70,15 +70,15 @@ def _response_words(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.nd
     return words, kind
 
 
-def make_table(candidates: int, per_prompt: int, source_bytes: int, seed: int) -> pa.Table:
-    """The candidates, sorted by (PROMPT_ID, CANDIDATE)."""
-    rng = np.random.default_rng(seed)
-    text, starts = _corpus(rng)
-    prompts = -(-candidates // per_prompt)
+def make_table(corpus: tuple[str, np.ndarray], first_prompt: int, prompts: int, per_prompt: int,
+               source_bytes: int, rng: np.random.Generator) -> pa.Table:
+    """The candidates of prompts first_prompt .. first_prompt + prompts - 1, sorted by (PROMPT_ID, CANDIDATE)."""
+    text, starts = corpus
+    candidates = prompts * per_prompt
     mean_word = len(text) / len(starts)
     src_words = np.maximum(1, rng.normal(source_bytes, source_bytes * 0.1, size=prompts) / mean_word).astype(np.int64)
     src_words = np.minimum(src_words, len(starts) // 2)
-    ids = [f"synth-{i:08d}" for i in range(prompts)]
+    ids = [f"synth-{i:08d}" for i in range(first_prompt, first_prompt + prompts)]
     # A prompt id up front makes every source distinct, as real articles are.
     sources = pa.array([f"{pid} {s}" for pid, s in zip(ids, _spans(
         text, starts, rng.integers(0, len(starts) - src_words), src_words))], pa.string())
@@ -114,6 +114,22 @@ def make_table(candidates: int, per_prompt: int, source_bytes: int, seed: int) -
     })
 
 
+def write_files(folder: Path, candidates: int, per_prompt: int, source_bytes: int, files: int, seed: int) -> dict:
+    """The parquet files, one generated at a time (1M candidates hold ~20 GB in Arrow); totals for the manifest.
+    File k's rows come from a generator seeded by (seed, k): the same parameters give the same bytes."""
+    corpus = _corpus(np.random.default_rng(seed))
+    prompts = -(-candidates // per_prompt)
+    per_file = -(-prompts // files)  # whole prompts per file, as stage 1's blocks mostly keep them
+    totals = {"generated_tokens": 0, "hit_max_tokens": 0}
+    for k, lo in enumerate(range(0, prompts, per_file)):
+        table = make_table(corpus, lo, min(per_file, prompts - lo), per_prompt, source_bytes,
+                           np.random.default_rng([seed, k]))
+        pq.write_table(table, folder / f"part-{k:05d}.parquet")
+        totals["generated_tokens"] += int(pc.sum(table.column(S.NUM_RESPONSE_TOKENS)).as_py())
+        totals["hit_max_tokens"] += int(pc.sum(pc.equal(table.column(S.FINISH_REASON), "length")).as_py())
+    return totals
+
+
 def params(candidates: int, per_prompt: int, source_bytes: int, files: int, seed: int) -> dict:
     return dict(candidates=candidates, per_prompt=per_prompt, source_bytes=source_bytes, files=files, seed=seed)
 
@@ -129,7 +145,9 @@ def existing(out: str | Path, wanted: dict) -> dict | None:
 
 def make_candidates(out: str | Path, candidates: int, per_prompt: int = 4, source_bytes: int = 11_000,
                     files: int = 0, seed: int = 0, force: bool = False) -> dict:
-    """Write `<out>/01_generate/` (reused if it holds the same parameters, unless `force`); its manifest."""
+    """Write `<out>/01_generate/` (reused if it holds the same parameters, unless `force`); its manifest.
+    `candidates` is rounded up to whole prompts."""
+    candidates = -(-candidates // per_prompt) * per_prompt
     files = files or max(4, -(-candidates // 25_000))
     wanted = params(candidates, per_prompt, source_bytes, files, seed)
     if not force and (m := existing(out, wanted)):
@@ -140,18 +158,12 @@ def make_candidates(out: str | Path, candidates: int, per_prompt: int = 4, sourc
                       [f"output_dir={out}", f"sampling.n={per_prompt}", f"sampling.max_tokens={MAX_TOKENS}"])
     so = StageOutput(cfg, STAGE, upstream={"dir": "synthetic:benchmarks/make_candidates.py",
                                            "fingerprint": json.dumps(wanted, sort_keys=True)}, force=True)
-    table = make_table(candidates, per_prompt, source_bytes, seed)
     so.begin()
-    per_file = -(-candidates // files)
-    per_file += (-per_file) % per_prompt  # a prompt's candidates in one file, as stage 1's blocks mostly keep them
-    for i, lo in enumerate(range(0, candidates, per_file)):
-        pq.write_table(table.slice(lo, per_file), so.data / f"part-{i:05d}.parquet")
+    totals = write_files(so.data, candidates, per_prompt, source_bytes, files, seed)
     seconds = round(time.time() - t0, 1)
-    prompts = -(-candidates // per_prompt)
+    prompts = candidates // per_prompt
     stats = {"synthetic": wanted, "prompts": prompts, "prompts_skipped": 0, "prompts_dropped": {"empty_text": 0},
-             "skipped": [], "candidates": candidates,
-             "generated_tokens": int(pc.sum(table.column(S.NUM_RESPONSE_TOKENS)).as_py()),
-             "hit_max_tokens": int(pc.sum(pc.equal(table.column(S.FINISH_REASON), "length")).as_py()),
+             "skipped": [], "candidates": candidates, **totals,
              "tokens_per_second": 0.0, "generate_seconds": seconds}
     manifest = so.commit(rows={"candidates": candidates}, stats=stats)
     size = sum(f.stat().st_size for f in (so.final / "data").iterdir())
