@@ -6,10 +6,11 @@
 Same columns and types as stage 1 (common.schema: PROMPT_ID, PROMPT as chat messages holding the source, SOURCE,
 REFERENCE, CANDIDATE, RESPONSE, token counts, FINISH_REASON), in several parquet files under data/, and a manifest
 written by common.io.StageOutput itself (the quickstart's stage-1 config with output_dir and sampling.n set), so
-`02_judge/judge.py --set output_dir=<out>` reads it like a real run. No model: the texts are random words.
+`02_judge/judge.py --set output_dir=<out>` reads it like a real run. No model: the texts are common words in
+random order.
 
 Every prompt has `--per-prompt` candidates and a distinct source of about `--source-bytes` (default 11 kB, an
-ACLSum-size article, ~2.5k tokens). Responses vary in length (mostly 8-120 words) and some are made to trip stage
+ACLSum-size article, ~2.3k tokens of SmolLM2). Responses vary in length (mostly 8-120 words) and some are made to trip stage
 2's filters: empty, too short, too long, markup characters, and exact duplicates of a sibling. Deterministic for a
 seed; one parquet file generated at a time, vectorised with numpy/pyarrow except one string slice per text.
 """
@@ -38,11 +39,32 @@ MAX_TOKENS = 96  # a response this many tokens long "hit max_tokens" (FINISH_REA
 ODD = {"empty": 0.02, "too_short": 0.03, "too_long": 0.03, "invalid_chars": 0.02, "duplicate": 0.05}
 
 
+# Common English and paper words: tokenisers split them about as they split an abstract (~1.3 tokens a word), so
+# stage 3's tokeniser sees ACLSum-like token counts (random letters would be ~3 tokens a word).
+WORDS = """the of and to a in is that for we on with as this are by be an our from which it model
+models can language data results these task show using based at not or also paper have two performance their
+new approach method has more than such training text its used learning between other when one both been set
+neural while each translation work into however propose word information system different use evaluation
+large only how study first tasks systems features dataset shows research analysis over generation may most
+human do three english well structure semantic corpus proposed they across existing embeddings representations
+state improve previous network effective sentence knowledge quality accuracy domain multiple questions answer
+significant experiments further level sentences entity recent methods approaches framework source target
+summarization summary summaries abstract article articles document documents readers length short long
+evidence annotation annotated benchmark baseline baselines outperforms compared improvements improvement
+achieve achieves within without among through about under after before during where because since though
+any all some many most few several various high low better best good strong weak small general specific
+process processing natural linguistic context contextual pretrained fine tuned tuning transfer cross lingual
+multilingual speech dialogue generate generated generating output input encoder decoder attention layer
+layers transformer parameters objective loss function training trained test validation split scores score
+metric metrics human judgments correlation reference references faithful faithfulness factual consistency
+errors error rate precision recall labels label classification supervised unsupervised zero shot prompt
+prompts instruction instructions reasoning step steps chain large scale resource resources low languages""".split()
+
+
 def _corpus(rng: np.random.Generator, words: int = 400_000) -> tuple[str, np.ndarray]:
-    """A long text of random lowercase pseudo-words (ASCII: a char is a byte) and where each word starts."""
-    vocab = np.array(["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=k))
-                      for k in rng.integers(2, 10, size=5000)])
-    text = " ".join(vocab[rng.zipf(1.3, size=words) % len(vocab)]) + " "
+    """A long text of common words drawn by a Zipf-like law (ASCII: a char is a byte), and where each word starts."""
+    p = 1.0 / np.arange(1, len(WORDS) + 1)
+    text = " ".join(np.array(WORDS)[rng.choice(len(WORDS), size=words, p=p / p.sum())]) + " "
     starts = np.flatnonzero(np.frombuffer(text.encode(), np.uint8) == ord(" ")) + 1
     return text, np.concatenate([[0], starts[:-1]])
 
