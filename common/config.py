@@ -230,7 +230,7 @@ class RubricConfig(Base):
 
 
 class JudgeConfig(Base):
-    type: Literal["similarity", "rubric", "quiz"] = "similarity"  # a new judge: common/judges/__init__.py
+    type: Literal["similarity", "rubric", "quiz", "length"] = "similarity"  # a new judge: common/judges/__init__.py
     similarity: SimilarityJudgeConfig = SimilarityJudgeConfig()
     llm: LLMJudgeConfig = LLMJudgeConfig()  # the judge model for `rubric` and `quiz`
     quiz: QuizConfig = QuizConfig()

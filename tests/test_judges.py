@@ -258,6 +258,35 @@ def test_a_copy_of_the_abstract_loses_to_the_human_summary():
     assert half_wins > len(papers) / 2, f"without the penalty the first half won only {half_wins}/{len(papers)}"
 
 
+def test_length_judge_is_cheap_deterministic_and_in_range():
+    """The benchmark's judge (issue 20): its batch function on an Arrow table, no Ray: every input column back, a
+    score in score_range that depends on the text alone (same text, same score; word count and a hash both move
+    it), NUM_WORDS as every judge counts them, and the quickstart's pairing threshold accepted for it."""
+    import pyarrow as pa
+
+    from common.judges import score_range
+    from common.judges.length import LengthJudge, _score_batch, length_score
+    from common.pairing import check_threshold
+
+    cfg = JudgeConfig(type="length")
+    assert isinstance(build_judge(cfg), LengthJudge) and [a.resources for a in build_judge(cfg).asks()] == [
+        {"CPU": 0.25}]
+    lo, hi = score_range(cfg)
+    check_threshold(cfg, QS, lo, hi, "test")  # 0.7 lies inside: the quickstart's pairing config works unchanged
+    texts = ["", "one two three", "one two three", "one two four", " ".join(["w"] * 150)]
+    table = pa.table({S.PROMPT_ID: ["p"] * 5, S.SOURCE: ["src"] * 5, S.RESPONSE: texts,
+                      S.PROMPT: [[{"role": "user", "content": "x"}]] * 5})
+    out = _score_batch(table)
+    assert out.column_names[:4] == table.column_names and out.column(S.PROMPT).to_pylist() == table.column(
+        S.PROMPT).to_pylist()
+    rows = out.to_pylist()
+    assert [r[S.NUM_WORDS] for r in rows] == [0, 3, 3, 3, 150]
+    assert all(lo <= r[S.SCORE] < hi for r in rows) and [json.loads(r[S.JUDGE_DETAIL]) for r in rows] == [{}] * 5
+    assert rows[1][S.SCORE] == rows[2][S.SCORE] == length_score("one two three")
+    assert rows[3][S.SCORE] != rows[1][S.SCORE]  # same length, another text: the hash half differs
+    assert length_score(" ".join(["w"] * 150)) == length_score(" ".join(["w"] * 150))
+
+
 def test_stage4_judges_with_the_copy_penalty_of_stage2(tmp_path):
     """Stage 4 takes the judge from stage 2's manifest, penalty included; a manifest from before the penalty
     existed (no copy_penalty key) judged by cosine alone, so stage 4 does too (penalty 0)."""

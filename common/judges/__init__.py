@@ -15,6 +15,7 @@ stage 2's manifest with `build_judge` and decides model-vs-baseline with the sam
     similarity  MiniLM cosine(response, source) - a copy penalty: the CPU default   (common/judges/similarity.py)
     quiz        K multiple-choice questions per source, answered from the response  (common/judges/quiz.py)
     rubric      a 1..N rating, or pairwise A/B verdicts in both orders              (common/judges/rubric.py)
+    length      word count + a hash of the text, no model: for benchmarks only      (common/judges/length.py)
 
 A new judge is one module: a class with `asks()`, `score(ds)` and `summary(details)` (build the three columns with
 common.judges.base.with_scores), one line in JUDGES below, its name in JudgeConfig.type and, if it has settings,
@@ -29,6 +30,7 @@ from typing import Any, Callable
 
 from common.config import JudgeConfig
 from common.judges.base import Judge, num_words, with_scores  # noqa: F401  (re-exported)
+from common.judges.length import LengthJudge
 from common.judges.quiz import QuizJudge
 from common.judges.rubric import RubricJudge
 from common.judges.similarity import SimilarityJudge
@@ -37,6 +39,7 @@ JUDGES: dict[str, Callable[[JudgeConfig], Judge]] = {
     "similarity": lambda cfg: SimilarityJudge(cfg.similarity),
     "quiz": lambda cfg: QuizJudge(cfg.llm, cfg.quiz),
     "rubric": lambda cfg: RubricJudge(cfg.llm, cfg.rubric),
+    "length": lambda cfg: LengthJudge(),
 }
 
 
@@ -52,6 +55,8 @@ def score_range(cfg: JudgeConfig) -> tuple[float, float]:
         return 0.0, float(cfg.quiz.num_questions)
     if cfg.type == "rubric":
         return (0.0, 1.0) if cfg.rubric.pairwise else (1.0, float(cfg.rubric.scale_max))
+    if cfg.type == "length":
+        return 0.0, 1.0
     return -math.inf, math.inf
 
 
