@@ -161,9 +161,12 @@ def tokenize_pairs(pairs: Pairs, cfg: DPOStageConfig, tokenizer_path: str, where
     ctx = ds.context.execution_options
     ordered, ctx.preserve_order = ctx.preserve_order, True
     try:
-        ds = ds.random_shuffle(seed=cfg.seed).materialize()
+        # The shuffle's blocks are uneven (rows land at random) and as many as the read made (a parquet row group
+        # is one): repartition (a split, no second shuffle) gives the pool `blocks` even ones.
+        ds = ds.random_shuffle(seed=cfg.seed).repartition(blocks).materialize()
         drops = _count_drops(ds)
-        kept = ds.filter(lambda r: not r[S.DROP_REASON]).drop_columns([S.DROP_REASON]).materialize()
+        # a map per block, not `filter`: that would bundle small blocks into one (see batch_size above)
+        kept = ds.map_batches(_kept, batch_size=None, batch_format="pyarrow", num_cpus=0.25).materialize()
     finally:
         ctx.preserve_order = ordered  # what comes after (the reference pool) streams in any order
     _all_dropped(drops, len(pairs), cfg, where)
@@ -177,6 +180,12 @@ def _count_drops(ds) -> dict[str, int]:
     for r in counts:
         drops[r[S.DROP_REASON]] = drops.get(r[S.DROP_REASON], 0) + r["n"]
     return drops
+
+
+def _kept(batch):
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.equal(batch[S.DROP_REASON], "")).drop_columns([S.DROP_REASON])
 
 
 def _block_drops(batch):

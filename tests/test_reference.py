@@ -63,7 +63,7 @@ def test_model_logps_scores_the_same_as_a_full_batched_forward(batch, model_path
     assert cut.dtype == sums_cut.dtype == torch.float32 and n_cut.dtype == torch.int64
 
 
-def _pairs_file(path, n: int = 12):
+def _pairs_file(path, n: int = 48):
     rows = [json.loads(line) for line in open(REPO / "data/aclsum/test.jsonl")][:n]
     with open(path, "w") as f:
         for r in rows:
@@ -92,8 +92,8 @@ def test_tokenised_pairs_reach_the_reference_pool_in_many_blocks(ray_local, mode
     pairs = scan_pairs(path, "train_path", "test", "nothing")
     cfg = DPOStageConfig(num_data_blocks_per_device=6)
     kept, drops = tokenize_pairs(pairs, cfg, model_path, "test")
-    assert not drops and kept.count() == 12
-    assert kept.num_blocks() == 6
+    assert not drops and kept.count() == 48
+    assert kept.num_blocks() == 6  # 8 pairs a block: the seeded shuffle spreads them over all 6
     order = [r[S.PAIR_ID] for r in kept.select_columns([S.PAIR_ID]).iter_rows()]
     again = tokenize_pairs(pairs, cfg, model_path, "test")[0]
     assert [r[S.PAIR_ID] for r in again.select_columns([S.PAIR_ID]).iter_rows()] == order  # deterministic
