@@ -33,9 +33,7 @@ def read_table(path: Path, where: str) -> pd.DataFrame:
         if path.suffix == ".parquet":
             return pd.read_parquet(path)
     except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
-        raise UserError(f"{where}: cannot read {path}: it is not a Parquet file ({str(e).splitlines()[0][:80]}); "
-                        f"give a .parquet written by pandas/pyarrow, or name it .jsonl if it holds JSON "
-                        f"lines") from None
+        raise not_parquet(where, path, e) from None
     try:
         if path.suffix in (".jsonl", ".json"):
             return pd.read_json(path, lines=path.suffix == ".jsonl", dtype=False)
@@ -43,6 +41,11 @@ def read_table(path: Path, where: str) -> pd.DataFrame:
         raise UserError(f"{where}: cannot parse {path} ({str(e).splitlines()[0][:120]}); "
                         f"expected one JSON object per line") from None
     raise UserError(f"{where}: {path}: unsupported file type '{path.suffix}' (use .jsonl, .parquet or a folder)")
+
+
+def not_parquet(where: str, path: Path, e: Exception) -> UserError:
+    return UserError(f"{where}: cannot read {path}: it is not a Parquet file ({str(e).splitlines()[0][:80]}); "
+                     f"give a .parquet written by pandas/pyarrow, or name it .jsonl if it holds JSON lines")
 
 
 def load_prompts(data: DataConfig, prompt: PromptConfig, where: str) -> tuple[list[dict], int]:

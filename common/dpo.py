@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,12 +15,12 @@ import pandas as pd
 from common import schema as S
 from common.capacity import describe, pool_balance
 from common.config import FSDP_WORDS, DPOStageConfig, resolve
-from common.data import is_null, num_blocks, read_table
+from common.data import num_blocks
 from common.errors import UserError
 from common.io import fingerprint
+from common.pairs import Pairs, read_pairs, scan_pairs
 from common.ray_setup import Ask
-from common.tokenize import (DROP_EMPTY, DROP_IDENTICAL, TOKENIZATION_VERSION, load_tokenizer, response_text,
-                             tokenize_pairs_batch)
+from common.tokenize import DROP_EMPTY, DROP_IDENTICAL, TOKENIZATION_VERSION, load_tokenizer, tokenize_pairs_batch
 
 
 def plan(cfg: DPOStageConfig) -> list[Ask]:
@@ -90,122 +89,49 @@ def resolve_gpus(cfg: DPOStageConfig, cluster_gpus: float) -> tuple[DPOStageConf
     return cfg, f"GPUs auto: the cluster has {cluster_gpus:g} GPU(s) -> {where}"
 
 
-def _messages(x, role: str, col: str, row: int, where: str) -> list[dict]:
-    """One cell as chat messages: a string is one message of `role` (TRL's standard format), a list of
-    {role, content} is taken as is (conversational). Anything else is named with its row."""
-    if isinstance(x, str):
-        return [{"role": role, "content": x}]
-    if hasattr(x, "tolist"):
-        x = x.tolist()  # parquet hands lists over as numpy arrays
-    if isinstance(x, list) and x and all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                         and isinstance(m.get("role"), str) for m in x):
-        return [{"role": m["role"], "content": m["content"]} for m in x]
-    got = "null" if is_null(x) else f"{type(x).__name__} {str(x)[:40]!r}"
-    raise UserError(f"{where}: row {row}: column '{col}' is {got}; expected a string or a non-empty list of "
-                    f"{{role, content}} messages (TRL's standard or conversational format); fix or remove that row")
-
-
-def split_implicit(chosen: list[dict], rejected: list[dict], row: int, where: str) -> tuple[list, list, list]:
-    """TRL's implicit-prompt format (trl.data_utils.extract_prompt): chosen and rejected are whole conversations;
-    the messages they share from the start are the prompt, what follows is each side's response."""
-    n = 0
-    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-        n += 1
-    fix = "give a prompt column, or make chosen and rejected the same conversation up to one differing last reply"
-    if n == 0:
-        raise UserError(f"{where}: row {row}: chosen and rejected share no leading message, so there is no prompt "
-                        f"(implicit-prompt format: no prompt column); {fix}")
-    for side, tail in (("chosen", chosen[n:]), ("rejected", rejected[n:])):
-        if len(tail) != 1:
-            what = "nothing" if not tail else f"{len(tail)} messages"
-            raise UserError(f"{where}: row {row}: {side} has {what} after the messages it shares with the other "
-                            f"side; a pair needs exactly one reply on each side after the shared prompt; {fix}")
-    return chosen[:n], chosen[n:], rejected[n:]
-
-
-def load_pairs(cfg: DPOStageConfig, upstream: dict | None) -> tuple[list[dict], dict]:
-    """Pairs as TRL-format rows (conversational), with a stable pair id; and the input's identity."""
+def load_pairs(cfg: DPOStageConfig, upstream: dict | None) -> tuple[Pairs, dict]:
+    """The pairs, checked where they lie (common.pairs: in batches, nothing per pair kept but a hash of its id),
+    with the input's identity."""
     if upstream is not None:
-        data = Path(upstream["dir"]) / "data"
-        df = pd.read_parquet(data)
+        path = Path(upstream["dir"]) / "data"
         source = {"dir": upstream["dir"], "fingerprint": upstream["fingerprint"]}
-        where = f"{upstream['dir']}"
+        where = label = f"{upstream['dir']}"
     else:
         path = resolve(cfg.train_path)
         if not path.exists():
             raise UserError(f"train_path {cfg.train_path} not found; give a jsonl/parquet of prompt/chosen/rejected")
-        df = read_table(path, "train_path")
         source = {"dir": cfg.train_path, "fingerprint": fingerprint(path)}
-        where = cfg.train_path
-    rows = _rows(df, where, "nothing to train on (rerun 02_judge with looser pairing rules)")
-    check_pairs(rows, cfg, where)
-    random.Random(cfg.seed).shuffle(rows)  # one fixed shuffle: pairs of one prompt sit together in stage 2's output
-    return rows, source
+        where, label = cfg.train_path, "train_path"
+    pairs = scan_pairs(path, label, where, "nothing to train on (rerun 02_judge with looser pairing rules)")
+    check_pairs(pairs, cfg, where)
+    return pairs, source
 
 
-def load_valid_pairs(cfg: DPOStageConfig, upstream: dict | None) -> tuple[list[dict], dict] | None:
+def load_valid_pairs(cfg: DPOStageConfig, upstream: dict | None) -> tuple[Pairs, dict] | None:
     """The held-out pairs and their identity: `valid_path`, else the share stage 2 held out
     (`pairing.valid_fraction`); None when there are neither (no validation)."""
     if cfg.valid_path:
-        path, where = resolve(cfg.valid_path), cfg.valid_path
+        path, where, label = resolve(cfg.valid_path), cfg.valid_path, "valid_path"
         if not path.exists():
             raise UserError(f"valid_path {cfg.valid_path} not found; give a jsonl/parquet of prompt/chosen/rejected")
-        df = read_table(path, "valid_path")
     elif upstream is not None and upstream.get("valid_pairs"):
-        path = where = Path(upstream["valid_pairs"])
-        df = pd.read_parquet(path)
+        path = Path(upstream["valid_pairs"])
+        where = label = str(path)
     else:
         return None
-    rows = _rows(df, str(where), "nothing to validate on (set valid_path: null to train without it)")
-    check_unique_ids(rows, str(where))
-    return rows, {"dir": str(where), "fingerprint": fingerprint(path)}
+    pairs = scan_pairs(path, label, str(where), "nothing to validate on (set valid_path: null to train without it)")
+    return pairs, {"dir": str(where), "fingerprint": fingerprint(path)}
 
 
-def _rows(df: pd.DataFrame, where: str, if_empty: str) -> list[dict]:
-    """TRL's three preference formats: standard (strings), conversational (messages) and implicit-prompt (no
-    prompt column; chosen and rejected are whole conversations sharing the prompt)."""
-    implicit = S.PROMPT not in df.columns
-    missing = [c for c in (S.CHOSEN, S.REJECTED) if c not in df.columns]
-    if missing:
-        raise UserError(f"{where}: preference pairs need columns prompt, chosen, rejected (TRL format; or chosen and "
-                        f"rejected alone as whole conversations); missing {missing}, found {list(df.columns)}")
-    if df.empty:
-        raise UserError(f"{where}: no pairs; {if_empty}")
-    rows = []
-    for i, rec in enumerate(df.to_dict("records"), start=1):
-        chosen = _messages(rec[S.CHOSEN], "assistant", S.CHOSEN, i, where)
-        rejected = _messages(rec[S.REJECTED], "assistant", S.REJECTED, i, where)
-        if implicit:
-            prompt, chosen, rejected = split_implicit(chosen, rejected, i, where)
-        else:
-            prompt = _messages(rec[S.PROMPT], "user", S.PROMPT, i, where)
-        pid = rec.get(S.PAIR_ID)
-        if is_null(pid) or pid == "":  # a null id (NaN in pandas) is no id: hash the pair instead
-            pid = hashlib.sha1(json.dumps([prompt, chosen, rejected], sort_keys=True).encode()).hexdigest()[:16]
-        rows.append({S.PAIR_ID: str(pid), S.PROMPT: prompt, S.CHOSEN: chosen, S.REJECTED: rejected})
-    return rows
-
-
-def check_pairs(rows: list[dict], cfg: DPOStageConfig, where: str) -> None:
-    """Before Ray starts: pair ids unique, and enough pairs whose chosen and rejected differ to train at all
-    (identical pairs are dropped by the tokeniser and counted; this only refuses a run that would keep none)."""
-    check_unique_ids(rows, where)
-    identical = sum(response_text(r[S.CHOSEN]) == response_text(r[S.REJECTED]) for r in rows)
-    if identical == len(rows):
-        raise UserError(f"{where}: all {len(rows)} pairs have chosen identical to rejected, so DPO has nothing to "
+def check_pairs(pairs: Pairs, cfg: DPOStageConfig, where: str) -> None:
+    """Before Ray starts (pair ids are unique: scan_pairs checked): enough pairs whose chosen and rejected differ to
+    train at all (identical pairs are dropped by the tokeniser and counted; this only refuses a run that would keep
+    none)."""
+    if pairs.identical == pairs.count:
+        raise UserError(f"{where}: all {pairs.count} pairs have chosen identical to rejected, so DPO has nothing to "
                         f"learn from; check how the pairs were made (chosen must be the preferred, different answer)")
-    check_enough_pairs(len(rows) - identical, cfg, where, f" ({identical} with chosen identical to rejected dropped)"
-                       if identical else "")
-
-
-def check_unique_ids(rows: list[dict], where: str) -> None:
-    """In the file's row order: the reference cache joins by pair id, one to one."""
-    first: dict[str, int] = {}
-    for i, r in enumerate(rows):
-        j = first.setdefault(r[S.PAIR_ID], i)
-        if j != i:
-            raise UserError(f"{where}: pair id '{r[S.PAIR_ID]}' appears twice (rows {j + 1} and {i + 1}); pair ids "
-                            f"must be unique: remove the repeated pair or give it its own {S.PAIR_ID}")
+    check_enough_pairs(pairs.count - pairs.identical, cfg, where,
+                       f" ({pairs.identical} with chosen identical to rejected dropped)" if pairs.identical else "")
 
 
 def check_enough_pairs(num_pairs: int, cfg: DPOStageConfig, where: str, note: str = "") -> None:
@@ -217,35 +143,72 @@ def check_enough_pairs(num_pairs: int, cfg: DPOStageConfig, where: str, note: st
                         f"{need}; give more pairs or lower train_batch_size_per_device / num_devices")
 
 
-def tokenize_pairs(pairs: list[dict], cfg: DPOStageConfig, tokenizer_path: str, where: str):
-    """Ray Data: tokenise every pair with common.tokenize (the one function), drop what does not fit (counted).
-    Returns (materialised dataset of kept pairs, {drop reason: count})."""
-    import ray
-
+def tokenize_pairs(pairs: Pairs, cfg: DPOStageConfig, tokenizer_path: str, where: str):
+    """Ray Data, from the files: read, tokenise every pair with common.tokenize (the one function), shuffle with the
+    config's seed, drop what does not fit (counted). Returns (materialised dataset of kept pairs, {reason: count})."""
     blocks = num_blocks(len(pairs), cfg.num_devices, per_worker=cfg.num_data_blocks_per_device)
     # batch_size=None: one batch per block. A row count here would bundle small blocks into one, and the reference
     # pool would then get the epoch as a single block: the trainer's first batch would wait for the whole pass.
-    ds = ray.data.from_items(pairs, override_num_blocks=blocks).map_batches(
+    ds = read_pairs(pairs, blocks).map_batches(
         _tokenize_batch, batch_size=None, num_cpus=0.25,
         fn_kwargs=dict(tokenizer_path=tokenizer_path, max_length=cfg.context_length,
-                       max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation),
-    ).materialize()
-    reasons = ds.filter(lambda r: bool(r[S.DROP_REASON])).select_columns([S.DROP_REASON]).take_all()
-    drops: dict[str, int] = {}
-    for r in reasons:
-        drops[r[S.DROP_REASON]] = drops.get(r[S.DROP_REASON], 0) + 1
-    if len(reasons) == len(pairs):
-        if set(drops) == {DROP_IDENTICAL}:
-            raise UserError(f"{where}: all {len(pairs)} pairs have chosen identical to rejected once tokenised; "
-                            f"check how the pairs were made (chosen must be the preferred, different answer)")
-        if set(drops) == {DROP_EMPTY}:
-            raise UserError(f"{where}: all {len(pairs)} pairs have an empty chosen or rejected response; "
-                            f"check the pairs (stage 2's filters.min_words drops empty candidates)")
-        raise UserError(f"{where}: all {len(pairs)} pairs do not fit context_length={cfg.context_length} "
-                        f"({drops}); raise context_length / max_prompt_length or set truncation: "
-                        f"truncate_response")
-    kept = ds.filter(lambda r: not r[S.DROP_REASON]).drop_columns([S.DROP_REASON]).materialize()
+                       max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation))
+    # One fixed shuffle (pairs of one prompt sit together in stage 2's output), Ray Data's: an all-to-all, which
+    # needs free CPUs for its tasks. It runs here, materialised before the reference pool and the trainers take the
+    # CPUs, so it cannot wait on them (on 2 cores as on a cluster). Ordered execution (preserve_order, for this
+    # dataset only): the shuffle's seeded tasks then see the blocks in the same order on every run, and so give
+    # the same pair order.
+    ctx = ds.context.execution_options
+    ordered, ctx.preserve_order = ctx.preserve_order, True
+    try:
+        # The shuffle's blocks are uneven (rows land at random) and as many as the read made (a parquet row group
+        # is one): repartition (a split, no second shuffle) gives the pool `blocks` even ones.
+        ds = ds.random_shuffle(seed=cfg.seed).repartition(blocks).materialize()
+        drops = _count_drops(ds)
+        # a map per block, not `filter`: that would bundle small blocks into one (see batch_size above)
+        kept = ds.map_batches(_kept, batch_size=None, batch_format="pyarrow", num_cpus=0.25).materialize()
+    finally:
+        ctx.preserve_order = ordered  # what comes after (the reference pool) streams in any order
+    _all_dropped(drops, len(pairs), cfg, where)
     return kept, drops
+
+
+def _count_drops(ds) -> dict[str, int]:
+    """{drop reason: pairs}, counted per block in Ray: the driver gets a few numbers per block, not the pairs."""
+    counts = ds.map_batches(_block_drops, batch_size=None, batch_format="pyarrow", num_cpus=0.25).take_all()
+    drops: dict[str, int] = {}
+    for r in counts:
+        drops[r[S.DROP_REASON]] = drops.get(r[S.DROP_REASON], 0) + r["n"]
+    return drops
+
+
+def _kept(batch):
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.equal(batch[S.DROP_REASON], "")).drop_columns([S.DROP_REASON])
+
+
+def _block_drops(batch):
+    import pyarrow as pa
+
+    reasons = [r for r in batch.column(S.DROP_REASON).to_pylist() if r]
+    names = sorted(set(reasons))
+    return pa.table({S.DROP_REASON: pa.array(names, pa.string()),
+                     "n": pa.array([reasons.count(n) for n in names], pa.int64())})
+
+
+def _all_dropped(drops: dict[str, int], num_pairs: int, cfg: DPOStageConfig, where: str) -> None:
+    if sum(drops.values()) < num_pairs:
+        return
+    if set(drops) == {DROP_IDENTICAL}:
+        raise UserError(f"{where}: all {num_pairs} pairs have chosen identical to rejected once tokenised; "
+                        f"check how the pairs were made (chosen must be the preferred, different answer)")
+    if set(drops) == {DROP_EMPTY}:
+        raise UserError(f"{where}: all {num_pairs} pairs have an empty chosen or rejected response; "
+                        f"check the pairs (stage 2's filters.min_words drops empty candidates)")
+    raise UserError(f"{where}: all {num_pairs} pairs do not fit context_length={cfg.context_length} "
+                    f"({drops}); raise context_length / max_prompt_length or set truncation: "
+                    f"truncate_response")
 
 
 def _tokenize_batch(batch, tokenizer_path, max_length, max_prompt_length, truncation):

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from common.data import read_table
-from common.dpo import _rows
+from common.pairs import _rows
 from common.errors import UserError
 
 

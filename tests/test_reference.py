@@ -63,20 +63,44 @@ def test_model_logps_scores_the_same_as_a_full_batched_forward(batch, model_path
     assert cut.dtype == sums_cut.dtype == torch.float32 and n_cut.dtype == torch.int64
 
 
+def _pairs_file(path, n: int = 48):
+    rows = [json.loads(line) for line in open(REPO / "data/aclsum/test.jsonl")][:n]
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps({S.PAIR_ID: r["id"],
+                                S.PROMPT: [{"role": "user", "content": "Summarize.\n\n" + r["abstract"]}],
+                                S.CHOSEN: [{"role": "assistant", "content": r["summary"].split(". ")[0]}],
+                                S.REJECTED: [{"role": "assistant", "content": r["summary"]}]}) + "\n")
+    return path
+
+
 @pytest.mark.slow
-def test_tokenised_pairs_reach_the_reference_pool_in_many_blocks(ray_local, model_path):
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_tokenised_pairs_reach_the_reference_pool_in_many_blocks(ray_local, model_path, tmp_path, suffix):
     """The pool's input keeps num_devices x num_data_blocks_per_device blocks. Tokenising bundled small blocks into
-    one once, and the trainer's first batch then waited for the reference pass over the whole epoch."""
+    one once, and the trainer's first batch then waited for the reference pass over the whole epoch. Read from the
+    file by Ray Data (never a list on the driver), shuffled with the seed: the same order on every run."""
+    import pandas as pd
+
     from common.config import DPOStageConfig
     from common.dpo import tokenize_pairs
+    from common.pairs import scan_pairs
 
-    rows = [json.loads(line) for line in open(REPO / "data/aclsum/test.jsonl")][:12]
-    pairs = [{S.PAIR_ID: r["id"], S.PROMPT: [{"role": "user", "content": "Summarize.\n\n" + r["abstract"]}],
-              S.CHOSEN: [{"role": "assistant", "content": r["summary"].split(". ")[0]}],
-              S.REJECTED: [{"role": "assistant", "content": r["summary"]}]} for r in rows]
-    kept, drops = tokenize_pairs(pairs, DPOStageConfig(num_data_blocks_per_device=6), model_path, "test")
-    assert not drops and kept.count() == 12
-    assert kept.num_blocks() == 6
+    path = _pairs_file(tmp_path / "pairs.jsonl")
+    if suffix == ".parquet":
+        pd.read_json(path, lines=True).to_parquet(path := tmp_path / "pairs.parquet")
+    pairs = scan_pairs(path, "train_path", "test", "nothing")
+    cfg = DPOStageConfig(num_data_blocks_per_device=6)
+    kept, drops = tokenize_pairs(pairs, cfg, model_path, "test")
+    assert not drops and kept.count() == 48
+    assert kept.num_blocks() == 6  # 8 pairs a block: the seeded shuffle spreads them over all 6
+    order = [r[S.PAIR_ID] for r in kept.select_columns([S.PAIR_ID]).iter_rows()]
+    again = tokenize_pairs(pairs, cfg, model_path, "test")[0]
+    assert [r[S.PAIR_ID] for r in again.select_columns([S.PAIR_ID]).iter_rows()] == order  # deterministic
+    file_order = [json.loads(line)[S.PAIR_ID] for line in open(tmp_path / "pairs.jsonl")]
+    assert sorted(order) == sorted(file_order) and order != file_order  # shuffled
+    other = tokenize_pairs(pairs, cfg.model_copy(update={"seed": cfg.seed + 1}), model_path, "test")[0]
+    assert [r[S.PAIR_ID] for r in other.select_columns([S.PAIR_ID]).iter_rows()] != order
 
 
 # ------------------------------------------------- the store that lets a restart skip the reference (no Ray)
