@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from common import schema as S
@@ -18,7 +19,7 @@ from common.config import FSDP_WORDS, DPOStageConfig, resolve
 from common.data import num_blocks
 from common.errors import UserError
 from common.io import fingerprint
-from common.pairs import Pairs, read_pairs, scan_pairs
+from common.pairs import Pairs, read_pairs, scan_pairs, shuffle_key
 from common.ray_setup import Ask
 from common.tokenize import DROP_EMPTY, DROP_IDENTICAL, TOKENIZATION_VERSION, load_tokenizer, tokenize_pairs_batch
 
@@ -152,18 +153,18 @@ def tokenize_pairs(pairs: Pairs, cfg: DPOStageConfig, tokenizer_path: str, where
     ds = read_pairs(pairs, blocks).map_batches(
         _tokenize_batch, batch_size=None, num_cpus=0.25,
         fn_kwargs=dict(tokenizer_path=tokenizer_path, max_length=cfg.context_length,
-                       max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation))
-    # One fixed shuffle (pairs of one prompt sit together in stage 2's output), Ray Data's: an all-to-all, which
-    # needs free CPUs for its tasks. It runs here, materialised before the reference pool and the trainers take the
-    # CPUs, so it cannot wait on them (on 2 cores as on a cluster). Ordered execution (preserve_order, for this
-    # dataset only): the shuffle's seeded tasks then see the blocks in the same order on every run, and so give
-    # the same pair order.
+                       max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation, seed=cfg.seed))
+    # One fixed shuffle (pairs of one prompt sit together in stage 2's output): a Ray Data sort on a seeded hash of
+    # each pair id, so the order depends on the pairs and the seed alone, not on how many files stage 2 wrote or in
+    # which order its tasks finished. A sort is an all-to-all, which needs free CPUs for its tasks; it runs here,
+    # materialised before the reference pool and the trainers take the CPUs, so it cannot wait on them (on 2 cores
+    # as on a cluster). Ordered execution (preserve_order, for this dataset only) keeps the sorted blocks in order.
     ctx = ds.context.execution_options
     ordered, ctx.preserve_order = ctx.preserve_order, True
     try:
-        # The shuffle's blocks are uneven (rows land at random) and as many as the read made (a parquet row group
-        # is one): repartition (a split, no second shuffle) gives the pool `blocks` even ones.
-        ds = ds.random_shuffle(seed=cfg.seed).repartition(blocks).materialize()
+        # The sort's blocks are uneven and as many as the read made (a parquet row group is one): repartition (a
+        # split, no second shuffle) gives the pool `blocks` even ones.
+        ds = ds.sort(S.SHUFFLE_KEY).repartition(blocks).materialize()
         drops = _count_drops(ds)
         # a map per block, not `filter`: that would bundle small blocks into one (see batch_size above)
         kept = ds.map_batches(_kept, batch_size=None, batch_format="pyarrow", num_cpus=0.25).materialize()
@@ -185,7 +186,7 @@ def _count_drops(ds) -> dict[str, int]:
 def _kept(batch):
     import pyarrow.compute as pc
 
-    return batch.filter(pc.equal(batch[S.DROP_REASON], "")).drop_columns([S.DROP_REASON])
+    return batch.filter(pc.equal(batch[S.DROP_REASON], "")).drop_columns([S.DROP_REASON, S.SHUFFLE_KEY])
 
 
 def _block_drops(batch):
@@ -211,12 +212,13 @@ def _all_dropped(drops: dict[str, int], num_pairs: int, cfg: DPOStageConfig, whe
                     f"truncate_response")
 
 
-def _tokenize_batch(batch, tokenizer_path, max_length, max_prompt_length, truncation):
+def _tokenize_batch(batch, tokenizer_path, max_length, max_prompt_length, truncation, seed):
     tok = load_tokenizer(tokenizer_path)
     out = tokenize_pairs_batch(batch, tok, max_length, max_prompt_length, truncation,
                                columns=(S.PROMPT, S.CHOSEN, S.REJECTED))
     for col in (S.PROMPT, S.CHOSEN, S.REJECTED):  # from here on, token ids are the data
         out.pop(col)
+    out[S.SHUFFLE_KEY] = np.array([shuffle_key(seed, str(p)) for p in out[S.PAIR_ID]], dtype=np.int64)
     return out
 
 

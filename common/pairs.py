@@ -248,6 +248,11 @@ def _scan(files, label: str, where: str, implicit: bool | None, stop_at_error: b
     return scan, hashes or [np.zeros(0, np.uint64)], per_file
 
 
+def shuffle_key(seed: int, pair_id: str) -> int:
+    """Where a pair lands in stage 3's fixed shuffle: a seeded 63-bit hash of its id (sorted on, in Ray Data)."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}\x1f{pair_id}".encode(), digest_size=8).digest(), "little") >> 1
+
+
 def id_hash(pair_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(pair_id.encode(), digest_size=8).digest(), "little")
 

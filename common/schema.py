@@ -48,6 +48,7 @@ HOLDOUT_RANK = "holdout_rank"  # orders the prompts with pairs for the validatio
 # stage 3's tokenised pairs (common.tokenize -> reference actors -> trainers)
 PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS = "prompt_ids", "chosen_ids", "rejected_ids"
 DROP_REASON = "drop_reason"  # "" = kept, else why the pair cannot be trained on
+SHUFFLE_KEY = "shuffle_key"  # a seeded hash of the pair id: stage 3's fixed shuffle sorts on it
 REF_CHOSEN_TOKENS, REF_REJECTED_TOKENS = "chosen_num_tokens", "rejected_num_tokens"
 REF_PID = "ref_pid"  # which process computed a row's reference log-probs (the tests check it is not a trainer)
 

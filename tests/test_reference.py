@@ -84,7 +84,7 @@ def test_tokenised_pairs_reach_the_reference_pool_in_many_blocks(ray_local, mode
 
     from common.config import DPOStageConfig
     from common.dpo import tokenize_pairs
-    from common.pairs import scan_pairs
+    from common.pairs import scan_pairs, shuffle_key
 
     path = _pairs_file(tmp_path / "pairs.jsonl")
     if suffix == ".parquet":
@@ -99,6 +99,8 @@ def test_tokenised_pairs_reach_the_reference_pool_in_many_blocks(ray_local, mode
     assert [r[S.PAIR_ID] for r in again.select_columns([S.PAIR_ID]).iter_rows()] == order  # deterministic
     file_order = [json.loads(line)[S.PAIR_ID] for line in open(tmp_path / "pairs.jsonl")]
     assert sorted(order) == sorted(file_order) and order != file_order  # shuffled
+    # by the pairs and the seed alone: however the files are laid out, the order is that of the seeded id hash
+    assert order == sorted(file_order, key=lambda pid: shuffle_key(cfg.seed, pid))
     other = tokenize_pairs(pairs, cfg.model_copy(update={"seed": cfg.seed + 1}), model_path, "test")[0]
     assert [r[S.PAIR_ID] for r in other.select_columns([S.PAIR_ID]).iter_rows()] != order
 
