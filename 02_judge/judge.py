@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -100,17 +101,16 @@ def main() -> None:
     all_candidates(marked, scored).write_parquet(str(out.path("candidates.parquet")))
     score_histogram(scores, out.path("scores.png"), f"{cfg.judge.type} judge: {len(scores)} candidates",
                     threshold=cfg.pairing.quality_threshold)
-    words = pq.read_table(out.data, columns=[S.CHOSEN_WORDS, S.REJECTED_WORDS]).to_pydict()
-    if num_valid:
-        held = pq.read_table(out.path("valid_pairs.parquet"), columns=[S.CHOSEN_WORDS, S.REJECTED_WORDS]).to_pydict()
-        words = {k: words[k] + held[k] for k in words}
-    length_gap_histogram(words[S.CHOSEN_WORDS], words[S.REJECTED_WORDS], out.path("length_gap.png"),
-                         f"{pair_stats['pairs']} pairs: chosen minus rejected length")
+    words = [pq.read_table(f, columns=[S.CHOSEN_WORDS, S.REJECTED_WORDS])  # two int columns, as numpy
+             for f in ([out.data, out.path("valid_pairs.parquet")] if num_valid else [out.data])]
+    length_gap_histogram(np.concatenate([w.column(S.CHOSEN_WORDS).to_numpy() for w in words]),
+                         np.concatenate([w.column(S.REJECTED_WORDS).to_numpy() for w in words]),
+                         out.path("length_gap.png"), f"{pair_stats['pairs']} pairs: chosen minus rejected length")
     num_train = pair_stats["pairs"] - num_valid
     stats = {
         "judge": cfg.judge.type, "candidates": n, "filtered": sum(filtered.values()), "filtered_by_reason": filtered,
         "candidates_scored": len(scores) - unparseable, "unparseable": unparseable,
-        "unparseable_by_reason": error_counts(details(scored)), "score": summarize(scores.tolist()),
+        "unparseable_by_reason": error_counts(details(scored)), "score": summarize(scores),
         **pair_stats, "valid_pairs": num_valid, "valid_prompts": held_prompts if num_valid else 0,
         "judge_details": judge.summary(details(scored)), "judge_seconds": round(seconds, 1),
     }

@@ -19,6 +19,7 @@ import math
 from collections import defaultdict
 from typing import Any, Iterable
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -182,12 +183,12 @@ def check_threshold(judge: JudgeConfig, pairing: PairingConfig, lo: float, hi: f
 
 
 def summarize(values: Iterable[float]) -> dict[str, float]:
-    v = [x for x in values if not math.isnan(x)]
-    if not v:
+    v = np.sort(np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=np.float64))
+    v = v[~np.isnan(v)]
+    if not v.size:
         return {}
-    s = sorted(v)
-    return {"mean": round(sum(v) / len(v), 4), "min": round(s[0], 4), "median": round(s[len(s) // 2], 4),
-            "max": round(s[-1], 4)}
+    return {"mean": round(float(v.mean()), 4), "min": round(float(v[0]), 4), "median": round(float(v[v.size // 2]), 4),
+            "max": round(float(v[-1]), 4)}
 
 
 def holdout_rank(seed: int, prompt_id: str) -> int:

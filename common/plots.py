@@ -5,6 +5,8 @@ import math
 from pathlib import Path
 from typing import Iterable, Optional
 
+import numpy as np
+
 
 def _pyplot():
     import matplotlib
@@ -19,10 +21,11 @@ def score_histogram(scores: Iterable[float], path: Path, title: str, threshold: 
                     xlabel: str = "judge score") -> Path:
     """Histogram of finite scores, with the pairing threshold drawn as a dashed line."""
     plt = _pyplot()
-    values = [float(s) for s in scores if not math.isnan(float(s))]
+    values = np.asarray(list(scores) if not isinstance(scores, np.ndarray) else scores, dtype=np.float64)
+    values = values[~np.isnan(values)]  # numpy, not a list: stage 2 passes one score per candidate
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    distinct = sorted(set(values))
-    if distinct and len(distinct) <= 12 and all(v == int(v) for v in distinct):  # quiz / rubric: integer scores
+    distinct = np.unique(values)
+    if distinct.size and distinct.size <= 12 and (distinct == distinct.astype(int)).all():  # quiz / rubric: integers
         bins = [v - 0.5 for v in range(int(distinct[0]), int(distinct[-1]) + 2)]
     else:
         bins = 30
@@ -41,12 +44,12 @@ def length_gap_histogram(chosen_words: Iterable[int], rejected_words: Iterable[i
                          title: str) -> Path:
     """Histogram of chosen-minus-rejected length in words: mass left of 0 means the pairs teach "shorter"."""
     plt = _pyplot()
-    gaps = [int(c) - int(r) for c, r in zip(chosen_words, rejected_words)]
+    gaps = np.asarray(chosen_words, dtype=np.int64) - np.asarray(rejected_words, dtype=np.int64)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(gaps, bins=30, color="#55a868", edgecolor="white")
     ax.axvline(0, color="black", linewidth=0.8)
-    if gaps:
-        mean = sum(gaps) / len(gaps)
+    if gaps.size:
+        mean = float(gaps.mean())
         ax.axvline(mean, color="#c44e52", linestyle="--", label=f"mean = {mean:+.1f} words")
         ax.legend(loc="upper right")
     ax.set(title=title, xlabel="chosen words - rejected words", ylabel="pairs")
@@ -58,7 +61,6 @@ def length_gap_histogram(chosen_words: Iterable[int], rejected_words: Iterable[i
 
 def overlaid_histograms(values: dict[str, Iterable[float]], path: Path, title: str, xlabel: str) -> Path:
     """One translucent histogram per model on shared bins (stage 4: lengths and judge scores of each model)."""
-    import numpy as np
 
     plt = _pyplot()
     series = {k: np.asarray([float(x) for x in v if not math.isnan(float(x))]) for k, v in values.items()}
