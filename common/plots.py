@@ -61,7 +61,6 @@ def length_gap_histogram(chosen_words: Iterable[int], rejected_words: Iterable[i
 
 def overlaid_histograms(values: dict[str, Iterable[float]], path: Path, title: str, xlabel: str) -> Path:
     """One translucent histogram per model on shared bins (stage 4: lengths and judge scores of each model)."""
-
     plt = _pyplot()
     series = {k: np.asarray([float(x) for x in v if not math.isnan(float(x))]) for k, v in values.items()}
     everything = np.concatenate([v for v in series.values() if len(v)] or [np.zeros(1)])
