@@ -3,7 +3,7 @@
 Stage 2 runs as a user runs it (its own process and local Ray, as conftest.run_stage), on synthetic stage-1 output
 from benchmarks/make_candidates.py: 4000 candidates whose sources are ~60 kB each (the prompt repeats the source, so
 ~120 kB a row, ~480 MB of Arrow in all), with the `length` judge (no model). benchmarks/driver_runner.py runs the
-stage in-process and reports the driver's own `ru_maxrss`: Ray's workers, raylet and GCS are not counted.
+stage in-process and reports the driver's own peak RSS (VmHWM): Ray's workers, raylet and GCS are not counted.
 
 The bound is the driver's start-up cost plus one copy of the candidates: a driver that never holds the candidate
 table stays under it, one that reads it whole does not. The start-up cost is measured here, on 40 candidates with
