@@ -12,8 +12,8 @@ For each size: synthetic stage-1 candidates (benchmarks/make_candidates.py, cach
            pipeline run, and no model step does. Skipped when stage 2 did not finish.
 Each is its own process, run through benchmarks/driver_runner.py: the driver's peak RSS is its `VmHWM` (the
 kernel's high-water mark), read by the runner at exit and polled here from /proc every 0.1 s (Ray's workers, raylet
-and GCS are other processes and not counted). A watchdog kills the run (its whole process tree) once the driver's RSS passes --rss-cap-mib and
-records "killed above cap", so the old, driver-bound code cannot take the machine down.
+and GCS are other processes and not counted). A watchdog kills the run (its whole process tree) once the driver's
+RSS passes --rss-cap-mib and records "killed above cap", so the old, driver-bound code cannot take the machine down.
 
 Throughput is rows over the process's wall time (candidates/s for stage 2, also pairs/s for stage 3), and "net":
 rows over wall time less a fixed cost, the wall time of the same stage on --startup candidates (interpreter, imports,
