@@ -103,6 +103,9 @@ def run_driver(args: list[str], log: Path, cap_mib: int, timeout: int) -> dict:
                                                                                           "num_pairs")}}
     if watch.killed:
         out["note"] = f"killed above cap ({cap_mib} MiB)"
+    elif rc != 0:  # the stage's own one-line error, e.g. Arrow's 2 GiB limit on one string array
+        errors = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith("error:")]
+        out["note"] = f"failed (exit {rc}): {errors[-1][:300] if errors else 'see the log'}"
     return out
 
 
@@ -159,8 +162,9 @@ def grade(small: dict, big: dict, stage: str) -> dict:
     """The issue's two targets for one stage, `big` against `small`."""
     a, b = small.get(stage, {}), big.get(stage, {})
     g: dict = {}
-    if b.get("killed_above_cap"):
-        g["driver_rss_ratio"] = f">= {b['driver_peak_rss_mib'] / a['driver_peak_rss_mib']:.2f} (killed above cap)"
+    if b.get("killed_above_cap") or (b.get("rc") not in (0, None) and a.get("driver_peak_rss_mib")):
+        why = "killed above cap" if b.get("killed_above_cap") else "failed before the end"
+        g["driver_rss_ratio"] = f">= {b['driver_peak_rss_mib'] / a['driver_peak_rss_mib']:.2f} ({why})"
         g["driver_rss"] = "missed"
     elif a.get("driver_peak_rss_mib") and b.get("driver_peak_rss_mib") and b.get("rc") == 0:
         r = b["driver_peak_rss_mib"] / a["driver_peak_rss_mib"]
@@ -174,7 +178,7 @@ def grade(small: dict, big: dict, stage: str) -> dict:
         g["throughput_ratio"], g["throughput_basis"] = round(r, 2), key
         g["throughput"] = "met" if abs(r - 1) <= TARGETS["throughput_within"] else "missed"
     else:
-        g["throughput"] = "missed" if b.get("killed_above_cap") else "not measured"
+        g["throughput"] = "missed" if b.get("rc") not in (0, None) else "not measured"
     return g
 
 
