@@ -10,10 +10,10 @@ For each size: synthetic stage-1 candidates (benchmarks/make_candidates.py, cach
   stage 3  `03_dpo_train/train.py` on those pairs, up to the trainer start: benchmarks/driver_runner.py --stop-at-fit
            replaces `TorchTrainer.fit` with an exit, so reading, tokenising (materialised) and building the reference
            pipeline run, and no model step does. Skipped when stage 2 did not finish.
-Each is its own process, run through benchmarks/driver_runner.py: the driver's peak RSS is the larger of its own
-`ru_maxrss` at exit and the `VmHWM` polled from /proc every 0.1 s (Ray's workers, raylet and GCS are other processes
-and not counted). A watchdog kills the run (its whole process tree) once the driver's RSS passes --rss-cap-mib and
-records "killed above cap", so the old, driver-bound code cannot take the machine down.
+Each is its own process, run through benchmarks/driver_runner.py: the driver's peak RSS is its `VmHWM` (the
+kernel's high-water mark), read by the runner at exit and polled here from /proc every 0.1 s (Ray's workers, raylet
+and GCS are other processes and not counted). A watchdog kills the run (its whole process tree) once the driver's
+RSS passes --rss-cap-mib and records "killed above cap", so the old, driver-bound code cannot take the machine down.
 
 Throughput is rows over the process's wall time (candidates/s for stage 2, also pairs/s for stage 3), and "net":
 rows over wall time less a fixed cost, the wall time of the same stage on --startup candidates (interpreter, imports,
@@ -103,6 +103,9 @@ def run_driver(args: list[str], log: Path, cap_mib: int, timeout: int) -> dict:
                                                                                           "num_pairs")}}
     if watch.killed:
         out["note"] = f"killed above cap ({cap_mib} MiB)"
+    elif rc != 0:  # the stage's own one-line error, e.g. Arrow's 2 GiB limit on one string array
+        errors = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith("error:")]
+        out["note"] = f"failed (exit {rc}): {errors[-1][:300] if errors else 'see the log'}"
     return out
 
 
@@ -159,8 +162,9 @@ def grade(small: dict, big: dict, stage: str) -> dict:
     """The issue's two targets for one stage, `big` against `small`."""
     a, b = small.get(stage, {}), big.get(stage, {})
     g: dict = {}
-    if b.get("killed_above_cap"):
-        g["driver_rss_ratio"] = f">= {b['driver_peak_rss_mib'] / a['driver_peak_rss_mib']:.2f} (killed above cap)"
+    if b.get("killed_above_cap") or (b.get("rc") not in (0, None) and a.get("driver_peak_rss_mib")):
+        why = "killed above cap" if b.get("killed_above_cap") else "failed before the end"
+        g["driver_rss_ratio"] = f">= {b['driver_peak_rss_mib'] / a['driver_peak_rss_mib']:.2f} ({why})"
         g["driver_rss"] = "missed"
     elif a.get("driver_peak_rss_mib") and b.get("driver_peak_rss_mib") and b.get("rc") == 0:
         r = b["driver_peak_rss_mib"] / a["driver_peak_rss_mib"]
@@ -174,7 +178,7 @@ def grade(small: dict, big: dict, stage: str) -> dict:
         g["throughput_ratio"], g["throughput_basis"] = round(r, 2), key
         g["throughput"] = "met" if abs(r - 1) <= TARGETS["throughput_within"] else "missed"
     else:
-        g["throughput"] = "missed" if b.get("killed_above_cap") else "not measured"
+        g["throughput"] = "missed" if b.get("rc") not in (0, None) else "not measured"
     return g
 
 

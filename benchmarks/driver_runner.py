@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/driver_runner.py 02_judge/judge.py --config ... --set ...
     .venv/bin/python benchmarks/driver_runner.py --stop-at-fit 03_dpo_train/train.py --config ... --set ...
 
-The script runs in this process (runpy, as `__main__`), so `resource.getrusage(RUSAGE_SELF).ru_maxrss` at exit is
-the driver's peak RSS alone: Ray's workers, raylet and GCS are other processes and are not counted. Printed on
-stdout as `DRIVER_RESULT {json}` (also when the script fails or exits with an error code).
+The script runs in this process (runpy, as `__main__`), so the `VmHWM` of /proc/self/status at exit is the driver's
+peak RSS alone: Ray's workers, raylet and GCS are other processes and are not counted. Not `ru_maxrss`: Linux
+carries it across fork and exec, so a child of a large process (pytest, the benchmark) starts at its parent's RSS.
+Printed on stdout as `DRIVER_RESULT {json}` (also when the script fails or exits with an error code).
 
 `--stop-at-fit` ends stage 3 where its trainers would start: `ray.train.torch.TorchTrainer.fit` is replaced (once
 Ray is up, by wrapping common.ray_setup.init_ray, so Ray Train is still imported after init_ray as train.py wants)
@@ -17,7 +18,6 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import resource
 import runpy
 import sys
 import time
@@ -28,9 +28,15 @@ T0 = time.time()
 RESULT: dict = {}
 
 
+def peak_rss_mib() -> float:
+    """This process's peak RSS (the kernel's high-water mark of its memory since exec)."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return round(kib / 1024, 1)
+
+
 def _report() -> None:
-    RESULT.update(driver_peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                  wall_s=round(time.time() - T0, 2), pid=os.getpid())
+    RESULT.update(driver_peak_rss_mib=peak_rss_mib(), wall_s=round(time.time() - T0, 2), pid=os.getpid())
     print("DRIVER_RESULT " + json.dumps(RESULT), flush=True)
 
 

@@ -10,9 +10,10 @@ written by common.io.StageOutput itself (the quickstart's stage-1 config with ou
 random order.
 
 Every prompt has `--per-prompt` candidates and a distinct source of about `--source-bytes` (default 11 kB, an
-ACLSum-size article, ~2.3k tokens of SmolLM2). Responses vary in length (mostly 8-120 words) and some are made to trip stage
-2's filters: empty, too short, too long, markup characters, and exact duplicates of a sibling. Deterministic for a
-seed; one parquet file generated at a time, vectorised with numpy/pyarrow except one string slice per text.
+ACLSum-size article, ~2.3k tokens of SmolLM2). Responses vary in length (mostly 8-120 words) and some are made to
+trip stage 2's filters: empty, too short, too long, markup characters, and exact duplicates of a sibling.
+Deterministic for a seed; one parquet file generated at a time, vectorised with numpy/pyarrow except one string
+slice per text.
 """
 from __future__ import annotations
 
