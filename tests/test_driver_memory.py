@@ -7,9 +7,9 @@ stage in-process and reports the driver's own peak RSS (VmHWM): Ray's workers, r
 
 The bound is the driver's start-up cost plus one copy of the candidates in Arrow (459 MiB here): a driver that never
 holds the candidate table stays under it, one that reads it whole does not. The start-up cost is measured here, on
-40 candidates with 1 kB sources: 327 MiB standalone on 2026-12-03 (2 cores, Ray 2.60), so the bound is ~790 MiB.
+40 candidates with 1 kB sources: 323 MiB on 2026-12-03 (2 cores, Ray 2.60), so the bound was 782 MiB.
 On the code as it was then (stage 2 reads every candidate with `pq.read_table`, puts them into Ray with `from_arrow`
-and pulls them back with `to_pandas()`) the driver peaked at 2969 MiB, ~3.7x the bound, and this test failed, as
+and pulls them back with `to_pandas()`) the driver peaked at 2966 MiB, 3.8x the bound, and this test failed, as
 it should.
 
 `resource.setrlimit` is not the limit here: RLIMIT_AS counts the virtual mappings of Ray and torch (gigabytes
