@@ -79,7 +79,7 @@ def main() -> None:
     scored = judge.score(kept).materialize()  # the judge's actors are gone before the pairing groupby starts
     seconds = time.time() - t0
     scores = column(scored, S.SCORE)
-    unparseable = int((scores != scores).sum())
+    unparseable = int(np.isnan(scores).sum())
 
     per_prompt = pair_prompts(scored, cfg.pairing, cfg.seed, blocks).materialize()
     pair_stats = pair_totals(per_prompt)

@@ -146,29 +146,41 @@ def make_pairs(scored: pd.DataFrame, cfg: PairingConfig, seed: int) -> tuple[lis
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in scored.to_dict("records"):
         groups[r[S.PROMPT_ID]].append(r)
-    out, totals = [], defaultdict(int)
-    per_prompt = []
+    out, totals, most = [], defaultdict(float), 0
     for pid in sorted(groups):
         kept, counts = pairs_for_prompt(groups[pid], cfg, seed)
-        for k, v in counts.items():
+        rows = [trl_row(pid, p) for p in kept]
+        for k, v in prompt_totals(rows, counts).items():
             totals[k] += v
-        per_prompt.append(len(kept))
-        out.extend(trl_row(pid, p) for p in kept)
-    with_pairs = [n for n in per_prompt if n]
-    stats = {
-        "pairs": len(out),
-        "pairs_by_rule": {k: sum(p[S.DECIDED_BY] == k for p in out) for k in (QUALITY, LENGTH)},
-        **totals,
-        "prompts": len(per_prompt), "prompts_with_pairs": len(with_pairs),
-        "pairs_per_prompt_mean": round(len(out) / len(with_pairs), 2) if with_pairs else 0.0,
-        "pairs_per_prompt_max": max(per_prompt, default=0),
-    }
-    if out:
-        stats["chosen_minus_rejected_words_mean"] = round(
-            sum(p[S.CHOSEN_WORDS] - p[S.REJECTED_WORDS] for p in out) / len(out), 2)
-        stats["chosen_minus_rejected_score_mean"] = round(
-            sum(p[S.CHOSEN_SCORE] - p[S.REJECTED_SCORE] for p in out) / len(out), 4)
-    return out, stats
+        most = max(most, len(rows))
+        out.extend(rows)
+    return out, pair_stats(totals, len(groups), most)
+
+
+SKIPS = ("ties_dropped", "identical_skipped", "over_cap")  # what pairs_for_prompt counts besides the pairs
+
+
+def prompt_totals(rows: list[dict], counts: dict[str, int]) -> dict[str, float]:
+    """One prompt's pair rows and skip counts as the sums `pair_stats` needs (summed over prompts, in memory or as
+    Ray Data aggregates: common.per_prompt)."""
+    return {"pairs": len(rows), QUALITY: sum(p[S.DECIDED_BY] == QUALITY for p in rows),
+            LENGTH: sum(p[S.DECIDED_BY] == LENGTH for p in rows), "with_pairs": int(bool(rows)),
+            **{k: counts[k] for k in SKIPS},
+            "words_gap": sum(p[S.CHOSEN_WORDS] - p[S.REJECTED_WORDS] for p in rows),
+            "score_gap": float(sum(p[S.CHOSEN_SCORE] - p[S.REJECTED_SCORE] for p in rows))}
+
+
+def pair_stats(totals: dict[str, float], prompts: int, most: int) -> dict[str, Any]:
+    """The manifest's pairing stats from the prompts' summed `prompt_totals`, the number of prompts and the most
+    pairs any one prompt gave."""
+    n, with_pairs = int(totals["pairs"]), int(totals["with_pairs"])
+    stats = {"pairs": n, "pairs_by_rule": {QUALITY: int(totals[QUALITY]), LENGTH: int(totals[LENGTH])},
+             **{k: int(totals[k]) for k in SKIPS}, "prompts": prompts, "prompts_with_pairs": with_pairs,
+             "pairs_per_prompt_mean": round(n / with_pairs, 2) if with_pairs else 0.0, "pairs_per_prompt_max": most}
+    if n:
+        stats["chosen_minus_rejected_words_mean"] = round(totals["words_gap"] / n, 2)
+        stats["chosen_minus_rejected_score_mean"] = round(totals["score_gap"] / n, 4)
+    return stats
 
 
 def check_threshold(judge: JudgeConfig, pairing: PairingConfig, lo: float, hi: float, where: str) -> None:

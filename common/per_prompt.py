@@ -26,10 +26,11 @@ from common import schema as S
 from common.config import FilterConfig, PairingConfig
 from common.filters import filter_reasons
 from common.judges.base import num_words
-from common.pairing import LENGTH, PAIR_SCHEMA, QUALITY, holdout_count, holdout_rank, pairable, pairs_for_prompt, trl_row
+from common.judges import parse_details
+from common.pairing import (LENGTH, PAIR_SCHEMA, QUALITY, SKIPS, holdout_count, holdout_rank, pair_stats, pairable,
+                            pairs_for_prompt, prompt_totals, trl_row)
 
 TASK_CPUS = 0.25  # every task here is light: a fraction leaves room beside the judge's actors on 2 cores
-COUNTS = ("ties_dropped", "identical_skipped", "over_cap")
 
 
 def _by_prompt(ds, fn, num_blocks: int, **kwargs):
@@ -67,11 +68,7 @@ def _pair(group: pa.Table, cfg: PairingConfig, seed: int) -> pa.Table:
     pid = rows[0][S.PROMPT_ID]
     kept, counts = pairs_for_prompt(rows, cfg, seed)
     pairs = [trl_row(pid, p) for p in kept]
-    row = {S.PROMPT_ID: pid, S.PAIRS_JSON: json.dumps(pairs, ensure_ascii=False), "pairs": len(pairs),
-           QUALITY: sum(p[S.DECIDED_BY] == QUALITY for p in pairs), LENGTH: sum(p[S.DECIDED_BY] == LENGTH for p in pairs),
-           "with_pairs": int(bool(pairs)), **counts,
-           "words_gap": sum(p[S.CHOSEN_WORDS] - p[S.REJECTED_WORDS] for p in pairs),
-           "score_gap": float(sum(p[S.CHOSEN_SCORE] - p[S.REJECTED_SCORE] for p in pairs)),
+    row = {S.PROMPT_ID: pid, S.PAIRS_JSON: json.dumps(pairs, ensure_ascii=False), **prompt_totals(pairs, counts),
            S.HOLDOUT_RANK: holdout_rank(seed, pid) if pairs else -1}
     return pa.Table.from_pylist([row])
 
@@ -86,18 +83,9 @@ def pair_totals(per_prompt) -> dict:
     """The manifest's pairing stats (common.pairing.pair_stats), from one pass of Ray Data aggregates."""
     from ray.data.aggregate import Count, Max, Sum
 
-    sums = ("pairs", QUALITY, LENGTH, "with_pairs", *COUNTS, "words_gap", "score_gap")
+    sums = ("pairs", QUALITY, LENGTH, "with_pairs", *SKIPS, "words_gap", "score_gap")
     agg = per_prompt.aggregate(Count(), Max("pairs"), *(Sum(c) for c in sums))
-    t = {c: agg[f"sum({c})"] or 0 for c in sums}
-    n = int(t["pairs"])
-    stats = {"pairs": n, "pairs_by_rule": {QUALITY: int(t[QUALITY]), LENGTH: int(t[LENGTH])},
-             **{c: int(t[c]) for c in COUNTS}, "prompts": int(agg["count()"]), "prompts_with_pairs": int(t["with_pairs"]),
-             "pairs_per_prompt_mean": round(n / t["with_pairs"], 2) if t["with_pairs"] else 0.0,
-             "pairs_per_prompt_max": int(agg["max(pairs)"] or 0)}
-    if n:
-        stats["chosen_minus_rejected_words_mean"] = round(t["words_gap"] / n, 2)
-        stats["chosen_minus_rejected_score_mean"] = round(t["score_gap"] / n, 4)
-    return stats
+    return pair_stats({c: agg[f"sum({c})"] or 0 for c in sums}, int(agg["count()"]), int(agg["max(pairs)"] or 0))
 
 
 def holdout_cutoff(per_prompt, fraction: float) -> int:
@@ -136,7 +124,7 @@ def column(ds, name: str) -> np.ndarray:
 def details(scored):
     """The judge's parsed JUDGE_DETAILs, streamed a batch at a time (for error counts and judge.summary)."""
     for b in scored.select_columns([S.JUDGE_DETAIL]).iter_batches(batch_format="pyarrow", batch_size=4096):
-        yield from (json.loads(d) if d else {} for d in b.column(S.JUDGE_DETAIL).to_pylist())
+        yield from parse_details(b.column(S.JUDGE_DETAIL).to_pylist())
 
 
 def _removed(batch: pa.Table) -> pa.Table:
