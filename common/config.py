@@ -37,6 +37,9 @@ class RayConfig(Base):
     # Declared on a local Ray so GPU-shaped configs (accelerator_type:A10G ...) schedule for real on a laptop.
     local_resources: dict[str, float] = {"accelerator_type:A10G": 8.0, "accelerator_type:A100": 8.0}
     env_vars: dict[str, str] = {}  # extra env vars for every Ray worker
+    # Ray Data's shuffle for groupby / sort (stages 2 and 3). "sort": tasks only, which start at once and hold no
+    # CPU between shuffles; "ray": Ray Data's own default (hash-based, with aggregator actors: built for many nodes).
+    shuffle: Literal["sort", "ray"] = "sort"
 
 
 class DataConfig(Base):

@@ -113,6 +113,7 @@ def init_ray(cfg: RayConfig, extra_env: dict[str, str] | None = None) -> None:
     set_local_env(cfg)
     import ray
 
+    use_shuffle(cfg.shuffle)
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in [*LOCAL_ENV, *LEVELS[_verbose]] if k in os.environ}
@@ -127,6 +128,17 @@ def init_ray(cfg: RayConfig, extra_env: dict[str, str] | None = None) -> None:
     else:
         ray.init(num_cpus=cfg.num_cpus, resources=dict(cfg.local_resources), include_dashboard=False, **common)
     quiet_driver(ray)
+
+
+def use_shuffle(kind: str) -> None:
+    """Ray Data's shuffle strategy for this driver's groupbys and sorts (RayConfig.shuffle). Ray Data's default
+    starts aggregator actors for each groupby, seconds each on 2 cores, and they take CPU shares beside the stage's
+    own actors; the sort shuffle runs as tasks."""
+    import ray.data
+    from ray.data.context import ShuffleStrategy
+
+    if kind == "sort":
+        ray.data.DataContext.get_current().shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
 
 
 def quiet_driver(ray) -> None:
