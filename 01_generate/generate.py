@@ -4,7 +4,8 @@
     python 01_generate/generate.py --config configs/quickstart/01_generate.yaml --set sampling.n=8 --force
     python 01_generate/generate.py --config configs/gpu/01_generate.yaml --dry-run   # plan only, no GPU needed
 
-Reads the prompts named by `data` (the ACLSum train split by default), renders them with the model's chat template,
+Reads the prompts named by `data` (the ACLSum train split by default: checked by the driver a batch at a time, then
+read from the files by Ray Data's tasks: common/data.py), renders them with the model's chat template,
 skips (and counts) prompts too long for the context, and writes one row per candidate to
 `<output_dir>/01_generate/` (parquet + manifest.json).
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import schema as S  # noqa: E402
-from common.data import load_prompts, num_blocks  # noqa: E402
+from common.data import read_prompts, scan_prompts  # noqa: E402
 from common.errors import UserError, cli  # noqa: E402
 from common.generation import engine_asks, generate, tokenize_prompts  # noqa: E402
 from common.config import require_model, resolve  # noqa: E402
@@ -37,7 +38,7 @@ def main() -> None:
     check_fits(STAGE, asks, cfg.ray)
     check_max_model_len(require_model(cfg.model.path, f"{args.config}: model.path"), cfg.model.max_model_len,
                         args.config)
-    prompts, empty = load_prompts(cfg.data, cfg.prompt, args.config)
+    prompts = scan_prompts(cfg.data, cfg.prompt, args.config, cfg.engine.concurrency)  # checked; still on disk
     source = {"dir": cfg.data.path, "fingerprint": fingerprint(resolve(cfg.data.path))}
     out = StageOutput(cfg, STAGE, upstream=source, force=args.force)
     if out.reusable():
@@ -47,10 +48,10 @@ def main() -> None:
     import ray
 
     t0 = time.time()
-    # Block count set at read time: an all-to-all repartition() would want a whole free CPU and can hang on 2 cores.
-    blocks = num_blocks(len(prompts), cfg.engine.concurrency)
-    tokenized = tokenize_prompts(ray.data.from_items(prompts, override_num_blocks=blocks), cfg.model,
-                                 cfg.sampling.max_tokens).materialize()  # small, and read twice below
+    # Ray's tasks read the prompts from the files, in blocks set at read time (an all-to-all repartition() would
+    # want a whole free CPU and can hang on 2 cores).
+    tokenized = tokenize_prompts(read_prompts(prompts), cfg.model,
+                                 cfg.sampling.max_tokens).materialize()  # read twice below
     skipped = tokenized.filter(lambda r: bool(r[S.SKIP])).select_columns([S.PROMPT_ID, S.SKIP]).take_all()
     if len(skipped) == len(prompts):
         raise UserError(f"{args.config}: all {len(prompts)} prompts are longer than model.max_model_len - "
@@ -65,7 +66,7 @@ def main() -> None:
     tokens = int(written.sum(S.NUM_RESPONSE_TOKENS) or 0)
     truncated = written.filter(lambda r: r[S.FINISH_REASON] == "length").count()
     stats = {
-        "prompts": len(prompts), "prompts_skipped": len(skipped), "prompts_dropped": {"empty_text": empty},
+        "prompts": len(prompts), "prompts_skipped": len(skipped), "prompts_dropped": {"empty_text": prompts.empty},
         "skipped": [{S.PROMPT_ID: r[S.PROMPT_ID], "reason": r[S.SKIP]} for r in skipped],
         "candidates": n_rows, "generated_tokens": tokens, "hit_max_tokens": truncated,
         "tokens_per_second": round(tokens / seconds, 1), "generate_seconds": round(seconds, 1),
@@ -73,8 +74,8 @@ def main() -> None:
     manifest = out.commit(rows={"candidates": n_rows}, stats=stats)
     print(f"[{STAGE}] {len(prompts) - len(skipped)} prompts x {cfg.sampling.n} candidates = {n_rows} responses, "
           f"{tokens} tokens in {seconds:.0f}s ({stats['tokens_per_second']} tokens/s, engine start included); "
-          f"{len(skipped)} prompts skipped as too long, {empty} dropped for an empty text, {truncated} responses hit "
-          f"max_tokens. "
+          f"{len(skipped)} prompts skipped as too long, {prompts.empty} dropped for an empty text, {truncated} "
+          f"responses hit max_tokens. "
           f"Output: {manifest['dir']}", flush=True)
 
 

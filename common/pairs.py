@@ -12,17 +12,13 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from common import schema as S
-from common.data import is_null, not_parquet
 from common.errors import UserError
+from common.records import batches, data_files, file_columns, hf_dataset, is_null, json_document
 from common.tokenize import response_text
-
-SCAN_BATCH_ROWS = 4096  # rows per batch while checking: the driver holds one batch of parsed rows at a time
-
 
 @dataclass(frozen=True)
 class Pairs:
@@ -104,90 +100,6 @@ def _check_columns(columns: list[str], where: str) -> None:
                         f"rejected alone as whole conversations); missing {missing}, found {columns}")
 
 
-# ------------------------------------------------------------------------------------------- the files
-def pair_files(path: Path, label: str) -> list[tuple[str, str]]:
-    """(format, path) of every file `path` stands for, in read_table's order."""
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
-            return [("hf", str(path))]
-        files = sorted([*path.glob("*.jsonl"), *path.glob("*.json"), *path.glob("*.parquet")])
-        if not files:
-            raise UserError(f"{label}: {path} has no .jsonl/.parquet files and is not a save_to_disk folder")
-        return [f for p in files for f in pair_files(p, label)]
-    fmt = path.suffix.lstrip(".")
-    if fmt not in ("parquet", "jsonl", "json"):
-        raise UserError(f"{label}: {path}: unsupported file type '{path.suffix}' (use .jsonl, .parquet or a folder)")
-    return [(fmt, str(path))]
-
-
-def _columns(fmt: str, path: str, label: str) -> list[str] | None:
-    """A file's columns when its schema says them (parquet, HF); None for JSON, whose rows each say their own."""
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            return pq.ParquetFile(path).schema_arrow.names
-        except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
-            raise not_parquet(label, Path(path), e) from None
-    if fmt == "hf":
-        import datasets
-
-        ds = datasets.load_from_disk(path)
-        if isinstance(ds, datasets.DatasetDict):
-            raise UserError(f"{label}: {path} holds splits {list(ds)}; point at one split folder")
-        return list(ds.column_names)
-    return None
-
-
-def _batches(fmt: str, path: str, label: str) -> Iterator[list[dict]]:
-    """A file's records in batches of at most SCAN_BATCH_ROWS, in file order."""
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        for b in pq.ParquetFile(path).iter_batches(batch_size=SCAN_BATCH_ROWS):
-            yield b.to_pylist()
-    elif fmt == "hf":
-        import datasets
-
-        for b in datasets.load_from_disk(path).iter(batch_size=SCAN_BATCH_ROWS):
-            yield [dict(zip(b, vals)) for vals in zip(*b.values())]
-    elif fmt == "json":  # one JSON document: it has to be parsed whole
-        yield _json_document(path, label)
-    else:
-        batch = []
-        with open(path, "rb") as f:
-            for n, line in enumerate(f, start=1):
-                if line.strip():
-                    batch.append(_json_line(line, path, label, n))
-                if len(batch) == SCAN_BATCH_ROWS:
-                    yield batch
-                    batch = []
-        if batch:
-            yield batch
-
-
-def _json_line(line: bytes | str, path: str, label: str, n: int | None) -> dict:
-    try:
-        rec = json.loads(line)
-    except ValueError as e:
-        raise UserError(f"{label}: cannot parse {path} (line {n}: {str(e)[:120]}); expected one JSON object per "
-                        f"line") from None
-    if not isinstance(rec, dict):
-        raise UserError(f"{label}: cannot parse {path} (line {n} is a {type(rec).__name__}); expected one JSON "
-                        f"object per line")
-    return rec
-
-
-def _json_document(path: str, label: str) -> list[dict]:
-    import pandas as pd
-
-    try:
-        return pd.read_json(path, dtype=False).to_dict("records")
-    except ValueError as e:
-        raise UserError(f"{label}: cannot parse {path} ({str(e).splitlines()[0][:120]}); "
-                        f"expected one JSON object per line") from None
-
-
 # ------------------------------------------------------------------------------------------- the check
 @dataclass
 class _Scan:
@@ -201,8 +113,8 @@ class _Scan:
 def scan_pairs(path: Path, label: str, where: str, if_empty: str) -> Pairs:
     """Every row checked as `pair_row` will read it in Ray, in file order (errors name the row), one batch at a time:
     kept are the counts and one 8-byte hash per pair id, for the duplicate check."""
-    files = pair_files(path, label)
-    known = [_columns(fmt, p, label) for fmt, p in files]
+    files = data_files(path, label)
+    known = [file_columns(fmt, p, label) for fmt, p in files]
     exact = all(c is not None for c in known)  # parquet / HF: the schema gives the columns before any row
     columns = {c: None for cols in known if cols for c in cols}
     scan, hashes, per_file = _scan(files, label, where, (S.PROMPT not in columns) if exact else None, exact)
@@ -225,7 +137,7 @@ def _scan(files, label: str, where: str, implicit: bool | None, stop_at_error: b
     scan, hashes, per_file = _Scan(implicit, {}), [], []
     for fmt, p in files:
         start = scan.count
-        for batch in _batches(fmt, p, label):
+        for batch in batches(fmt, p, label):
             ids = np.zeros(len(batch), np.uint64)
             for k, rec in enumerate(batch):
                 scan.count += 1
@@ -267,7 +179,7 @@ def _check_unique(hashes: np.ndarray, files, label: str, where: str, implicit: b
     first: dict[str, int] = {}
     row = 0
     for fmt, p in files:
-        for batch in _batches(fmt, p, label):
+        for batch in batches(fmt, p, label):
             for rec in batch:
                 row += 1
                 pid = pair_row(rec, row, where, implicit)[S.PAIR_ID]
@@ -306,11 +218,9 @@ def _driver_table(fmt: str, paths: list[str], pairs: Pairs):
     import pyarrow as pa
 
     if fmt == "hf":
-        import datasets
-
-        return datasets.load_from_disk(paths[0]).data.table  # memory-mapped
+        return hf_dataset(paths[0], pairs.where).data.table  # memory-mapped
     rows = [pair_row(r, i, pairs.where, pairs.implicit) for p in paths for i, r in enumerate(
-        _json_document(p, pairs.where), start=1)]  # a .json document: already normalised, so _pair_batch takes it as is
+        json_document(p, pairs.where), start=1)]  # a .json document: already normalised, so _pair_batch takes it as is
     return pa.Table.from_pylist([{S.PAIR_ID: r[S.PAIR_ID], "json": json.dumps(r)} for r in rows])
 
 

@@ -257,11 +257,17 @@ def _stored_table(path: str) -> pd.DataFrame:
 
 
 def _count_stored(ds, stored: Path | None) -> tuple[int, int]:
-    """(pairs of `ds` in the store, pairs of `ds`)."""
+    """(pairs of `ds` in the store, pairs of `ds`): counted per block by Ray's tasks, summed by Ray Data."""
     if stored is None:
         return 0, -1
-    ids = ds.select_columns([S.PAIR_ID]).to_pandas()[S.PAIR_ID].astype(str)  # the pair ids only, not the rows
-    return int(ids.isin(pd.read_parquet(stored, columns=[S.PAIR_ID])[S.PAIR_ID].astype(str)).sum()), len(ids)
+    counts = ds.map_batches(_stored_count, fn_kwargs={"path": str(stored)}, batch_format="numpy", batch_size=None,
+                            num_cpus=0.25).sum(["stored", "pairs"])
+    return int(counts["sum(stored)"] or 0), int(counts["sum(pairs)"] or 0)
+
+
+def _stored_count(batch: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
+    ids = np.asarray([str(i) for i in batch[S.PAIR_ID]], dtype=object)
+    return {"stored": np.array([ids_in(ids, _stored_table(path)).sum()]), "pairs": np.array([len(ids)])}
 
 
 def _from_store(batch: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:

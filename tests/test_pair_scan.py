@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from common import pairs as P
+from common import records
 from common.data import read_table
 from common.errors import UserError
 
@@ -36,7 +37,7 @@ def error(fn, *args) -> str:
 
 @pytest.fixture
 def small_batches(monkeypatch):
-    monkeypatch.setattr(P, "SCAN_BATCH_ROWS", 7)
+    monkeypatch.setattr(records, "SCAN_BATCH_ROWS", 7)
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
