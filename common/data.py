@@ -196,6 +196,11 @@ def _group_starts(path: str, size: int) -> list[int]:
 
 def _read_slice(fmt: str, path: str, start: int, n: int, offset: int, data, prompt, where: str) -> list[dict]:
     """The prompt rows of `n` records of a file from record `start` (a JSON-lines file: from byte `offset`)."""
+    if not Path(path).exists():  # checked on the driver's node: this task may run on another
+        import socket
+
+        raise UserError(f"{where}: data.path {path} is not on node {socket.gethostname()}, where a Ray task reads it; "
+                        f"on a cluster put the data on storage every node mounts, at the same absolute path")
     if fmt == "jsonl":
         recs = []
         with open(path, "rb") as f:

@@ -142,3 +142,11 @@ def test_ray_reads_the_same_rows_in_several_blocks(tmp_path, ray_local, fmt):
     want = {r[S.PROMPT_ID]: r for r in whole_table(data)}
     got = {r[S.PROMPT_ID]: {k: r[k] for k in (S.PROMPT_ID, S.PROMPT, S.SOURCE, S.REFERENCE)} for r in ds.take_all()}
     assert got == want and len(got) == 29  # 33 rows, 4 of them without a text
+
+
+def test_a_task_on_a_node_without_the_file_says_so_in_one_line(tmp_path):
+    """On a cluster, a read task may run on a node that does not mount data.path (checked on the driver's node)."""
+    from common.data import _read_slice
+
+    with pytest.raises(UserError, match="is not on node .*storage every node mounts"):
+        _read_slice("jsonl", str(tmp_path / "gone.jsonl"), 0, 5, 0, DataConfig(columns=COLUMNS), PROMPT, "x.yaml")
