@@ -169,7 +169,7 @@ def worker_stage1(args) -> None:
 
     from common import generation as G
     from common import schema as S
-    from common.data import load_prompts, num_blocks
+    from common.data import read_prompts, scan_prompts
     from common.ray_setup import init_ray
 
     extra = ["ray.env_vars.VLLM_LOGGING_LEVEL=INFO"]  # so the engine's CPU binding line reaches our log
@@ -180,10 +180,8 @@ def worker_stage1(args) -> None:
     cfg = _cfg(args, extra)
     t_begin = time.time()
     init_ray(cfg.ray)
-    import ray
-
     t_ray = time.time()
-    prompts, _ = load_prompts(cfg.data, cfg.prompt, str(CONFIG))
+    prompts = scan_prompts(cfg.data, cfg.prompt, str(CONFIG), cfg.engine.concurrency)
 
     original = G._candidate_row
 
@@ -211,9 +209,7 @@ def worker_stage1(args) -> None:
 
     # From here on, what 01_generate/generate.py does.
     t0 = time.time()
-    blocks = num_blocks(len(prompts), cfg.engine.concurrency)
-    tokenized = G.tokenize_prompts(ray.data.from_items(prompts, override_num_blocks=blocks), cfg.model,
-                                   cfg.sampling.max_tokens).materialize()
+    tokenized = G.tokenize_prompts(read_prompts(prompts), cfg.model, cfg.sampling.max_tokens).materialize()
     skipped = tokenized.filter(lambda r: bool(r[S.SKIP])).select_columns(["prompt_id", S.SKIP]).take_all()
     t_tok = time.time()
     out_dir = Path(args.workdir) / "stage1_out"
