@@ -74,7 +74,10 @@ class Cluster:
                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
                     "--ray-client-server-port", str(free_port())]
         else:
-            cmd += ["--address", f"127.0.0.1:{self.gcs_port}"]
+            # A temp dir of its own, as a machine of its own has: on a shared one, a node's runtime-env agent
+            # re-unpacks the job's working dir (rmtree, then unzip) into the path the driver is importing from.
+            (Path(self.root) / name).mkdir(exist_ok=True)
+            cmd += ["--address", f"127.0.0.1:{self.gcs_port}", "--temp-dir", str(Path(self.root) / name)]
         log = open(Path(self.root) / f"{name}.log", "w")
         self.nodes[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
