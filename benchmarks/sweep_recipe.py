@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/sweep_recipe.py                                   # the threshold sweep of docs/stage2.md
     .venv/bin/python benchmarks/sweep_recipe.py --candidates outputs/quickstart/01_generate   # reuse stage 1's run
     .venv/bin/python benchmarks/sweep_recipe.py --point gap5 02_judge:pairing.min_length_gap=5   # your own points
+    .venv/bin/python benchmarks/sweep_recipe.py --candidates outputs/quickstart/01_generate --result seeds.json \
+        --point seed0 03_dpo_train:seed=0 --point seed1 03_dpo_train:seed=1 --point seed2 03_dpo_train:seed=2
 
 Every point is the quickstart (configs/quickstart/) on the same stage-1 candidates of the 64 train abstracts, but
 for its overrides; stage 4 then runs on the validation split (`--split`, ACLSum val: 50 abstracts). A point's win rate
@@ -10,8 +12,9 @@ is graded by its own stage-2 judge and rule (stage 4 takes them from stage 2's m
 change the rule are not comparable with each other; the signals the model never trained on (ROUGE-L and MiniLM
 similarity to the human summaries, copy share) are. The test split is refused: it is for the report, once.
 Each point takes ~8 min on 2 cores (stage 3 most of it); outputs go under --out, the table to stdout and
-benchmarks/results/sweep_recipe.json. The last column is issue 17's bar: win rate >= 70% with the interval's lower end
-above 50%, ROUGE-L not below SFT's, copy share not above SFT's.
+benchmarks/results/sweep_recipe.json (`--result`). The last column is issue 17's bar: win rate >= 70% with the
+interval's lower end above 50%, ROUGE-L not below SFT's, copy share not above SFT's. The seed points measure how much
+of a run's result is its pairs' order and LoRA init alone: same pairs, same reference log-probs.
 """
 from __future__ import annotations
 
@@ -98,6 +101,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=REPO / "outputs/sweep", help="one folder per point under here")
     p.add_argument("--split", default="data/aclsum/val.jsonl", help="stage 4's prompts (never the test split)")
     p.add_argument("--candidates", type=Path, help="reuse this stage-1 output folder instead of running stage 1")
+    p.add_argument("--result", default="sweep_recipe.json", help="file name under benchmarks/results/")
     p.add_argument("--collect", action="store_true", help="run nothing: reprint the table of the points under --out")
     p.add_argument("--point", nargs="+", action="append", metavar=("NAME", "STAGE:KEY=VALUE"),
                    help="a grid point: a name and overrides, e.g. --point t0.6 02_judge:pairing.quality_threshold=0.6")
@@ -119,7 +123,7 @@ def main() -> None:
         rows.append(row(name, point))
         print(table(rows), flush=True)
 
-    result = REPO / "benchmarks/results/sweep_recipe.json"
+    result = REPO / "benchmarks/results" / args.result
     result.write_text(json.dumps({"split": args.split, "candidates": str(candidates), "rows": rows}, indent=1))
     print(f"\nsplit: {args.split}; stage-1 candidates: {candidates}; written to {result}\n\n{table(rows)}")
 
