@@ -125,14 +125,18 @@ def load_valid_pairs(cfg: DPOStageConfig, upstream: dict | None) -> tuple[Pairs,
 
 
 def check_pairs(pairs: Pairs, cfg: DPOStageConfig, where: str) -> None:
-    """Before Ray starts (pair ids are unique: scan_pairs checked): enough pairs whose chosen and rejected differ to
-    train at all (identical pairs are dropped by the tokeniser and counted; this only refuses a run that would keep
-    none)."""
+    """Before Ray starts (pair ids are unique: scan_pairs checked): enough pairs with two non-empty, different
+    responses to train at all (the others are dropped by the tokeniser and counted; this only refuses a run that
+    would keep too few). Whether the rest fit context_length is the tokeniser's to say, in Ray."""
+    if pairs.empty == pairs.count:
+        raise UserError(f"{where}: all {pairs.count} pairs have an empty chosen or rejected response; check the "
+                        f"pairs (stage 2's filters.min_words drops empty candidates)")
     if pairs.identical == pairs.count:
         raise UserError(f"{where}: all {pairs.count} pairs have chosen identical to rejected, so DPO has nothing to "
                         f"learn from; check how the pairs were made (chosen must be the preferred, different answer)")
-    check_enough_pairs(pairs.count - pairs.identical, cfg, where,
-                       f" ({pairs.identical} with chosen identical to rejected dropped)" if pairs.identical else "")
+    dropped = {"with an empty response": pairs.empty, "with chosen identical to rejected": pairs.identical}
+    note = ", ".join(f"{n} {what}" for what, n in dropped.items() if n)
+    check_enough_pairs(pairs.count - pairs.empty - pairs.identical, cfg, where, f" ({note} dropped)" if note else "")
 
 
 def check_enough_pairs(num_pairs: int, cfg: DPOStageConfig, where: str, note: str = "") -> None:

@@ -28,7 +28,8 @@ class Pairs:
     where: str
     implicit: bool  # no prompt column: TRL's implicit-prompt format
     count: int
-    identical: int  # chosen identical to rejected (dropped by the tokeniser, counted)
+    empty: int  # an empty (blank) chosen or rejected response (dropped by the tokeniser, counted)
+    identical: int  # otherwise chosen identical to rejected (dropped by the tokeniser, counted)
     rows_per_file: tuple[int, ...]
 
     def __len__(self) -> int:
@@ -106,6 +107,7 @@ class _Scan:
     implicit: bool | None
     columns: dict
     count: int = 0
+    empty: int = 0
     identical: int = 0
     error: UserError | None = None
 
@@ -127,7 +129,7 @@ def scan_pairs(path: Path, label: str, where: str, if_empty: str) -> Pairs:
     if scan.error:
         raise scan.error
     _check_unique(np.concatenate(hashes), files, label, where, scan.implicit)
-    return Pairs(files=tuple(files), where=where, implicit=scan.implicit, count=scan.count,
+    return Pairs(files=tuple(files), where=where, implicit=scan.implicit, count=scan.count, empty=scan.empty,
                  identical=scan.identical, rows_per_file=tuple(per_file))
 
 
@@ -154,7 +156,10 @@ def _scan(files, label: str, where: str, implicit: bool | None, stop_at_error: b
                         return scan, hashes, per_file
                     continue
                 ids[k] = id_hash(r[S.PAIR_ID])
-                scan.identical += response_text(r[S.CHOSEN]) == response_text(r[S.REJECTED])
+                chosen, rejected = response_text(r[S.CHOSEN]), response_text(r[S.REJECTED])
+                blank = not chosen.strip() or not rejected.strip()  # the tokeniser's first drop, as it tests it
+                scan.empty += blank
+                scan.identical += not blank and chosen == rejected
             hashes.append(ids)
         per_file.append(scan.count - start)
     return scan, hashes or [np.zeros(0, np.uint64)], per_file

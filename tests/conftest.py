@@ -15,6 +15,8 @@ import pytest  # noqa: E402
 
 MODEL = REPO / "models" / "smollm2-135m-instruct"
 EMBEDDER = REPO / "models" / "all-MiniLM-L6-v2"
+# The shared stage-1 run (`stage1_run`): ACLSum abstracts x candidates, short answers.
+STAGE1_PROMPTS, STAGE1_CANDIDATES, STAGE1_MAX_TOKENS = 8, 4, 48
 
 
 def tiny_model(path: Path) -> Path:
@@ -74,6 +76,29 @@ def ray_local():
     init_ray(RayConfig())
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def stage1_run(tmp_path_factory, model_path):
+    """One real stage-1 run (the quickstart config, real vLLM, STAGE1_* sizes) for the whole session: a vLLM run
+    costs a minute or more, and the tests of stages 2 to 4, the pipeline chain and the log check all start from one.
+    Returns (output_dir, the CompletedProcess). The chain (tests/test_pipeline.py) writes its later stages into this
+    output_dir; every other test takes a copy of `01_generate` (`copy_stage1`) and writes beside the copy."""
+    out = tmp_path_factory.mktemp("stage1")
+    proc = run_stage("01_generate/generate.py", REPO / "configs" / "quickstart" / "01_generate.yaml",
+                     f"output_dir={out}", f"data.limit={STAGE1_PROMPTS}", f"sampling.n={STAGE1_CANDIDATES}",
+                     f"sampling.max_tokens={STAGE1_MAX_TOKENS}", timeout=1800)  # shared CI runners are slow
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return out, proc
+
+
+def copy_stage1(stage1_run, dest: Path) -> Path:
+    """The shared stage-1 output copied into `dest` (an output_dir of its own): a stage run there reads it through
+    its default input_dir. Its manifest's paths are relative to the output_dir, so the copy is complete as is."""
+    import shutil
+
+    shutil.copytree(stage1_run[0] / "01_generate", dest / "01_generate")
+    return dest
 
 
 def run_stage(script: str, config: str, *sets: str, force: bool = False, timeout: int = 900):

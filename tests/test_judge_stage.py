@@ -1,5 +1,5 @@
-"""Stage 2 end to end, as a user runs it: a real stage-1 output (01_generate on 4 ACLSum abstracts x 3 candidates,
-real vLLM), then 02_judge/judge.py with the quickstart config (real Ray Data, real MiniLM): TRL-format pairs,
+"""Stage 2 end to end, as a user runs it: a real stage-1 output (the session's 01_generate run on ACLSum abstracts,
+real vLLM: conftest.stage1_run), then 02_judge/judge.py with the quickstart config (real Ray Data, real MiniLM): TRL-format pairs,
 manifest stats, reuse on rerun, --force, zero pairs and missing input as one line with exit code 2."""
 import json
 import shutil
@@ -11,13 +11,14 @@ import pytest
 
 from common import schema as S
 from common.config import REPO
-from conftest import run_stage
+from conftest import STAGE1_CANDIDATES, STAGE1_PROMPTS, copy_stage1, run_stage
 
 pytestmark = pytest.mark.slow  # starts Ray / vLLM / stage subprocesses: not in `scripts/test.sh --fast`
 
 QUICK = REPO / "configs" / "quickstart" / "02_judge.yaml"
 GPU = REPO / "configs" / "gpu" / "02_judge.yaml"
 JUDGE = "02_judge/judge.py"
+CANDIDATES = STAGE1_PROMPTS * STAGE1_CANDIDATES
 
 
 def one_error_line(proc):
@@ -29,12 +30,8 @@ def one_error_line(proc):
 
 
 @pytest.fixture(scope="module")
-def stage1(tmp_path_factory, model_path):
-    out = tmp_path_factory.mktemp("run")
-    proc = run_stage("01_generate/generate.py", REPO / "configs" / "quickstart" / "01_generate.yaml",
-                     f"output_dir={out}", "data.limit=4", "sampling.n=3")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+def stage1(stage1_run, tmp_path_factory):
+    return copy_stage1(stage1_run, tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +65,7 @@ def test_manifest_stats_and_side_files(judged):
     m = json.loads((out / "manifest.json").read_text())
     assert m["stage"] == "02_judge" and m["status"] == "complete"
     st = m["stats"]
-    assert st["candidates"] == 12 and st["candidates_scored"] + st["unparseable"] == 12
+    assert st["candidates"] == CANDIDATES and st["candidates_scored"] + st["unparseable"] == CANDIDATES
     assert m["rows"]["pairs"] == len(pd.read_parquet(out / "data"))
     # the quickstart holds out a share of prompts for stage 3's validation (pairing.valid_fraction)
     valid = pd.read_parquet(out.parent / m["valid_pairs"])  # written relative to output_dir
@@ -78,7 +75,7 @@ def test_manifest_stats_and_side_files(judged):
     for key in ("ties_dropped", "pairs_per_prompt_mean", "pairs_per_prompt_max", "prompts_with_pairs", "score"):
         assert key in st
     cands = pd.read_parquet(out / "candidates.parquet")
-    assert len(cands) == 12 and {S.SCORE, S.NUM_WORDS, S.JUDGE_DETAIL}.issubset(cands.columns)
+    assert len(cands) == CANDIDATES and {S.SCORE, S.NUM_WORDS, S.JUDGE_DETAIL}.issubset(cands.columns)
     assert cands[S.SCORE].between(-1, 1).all()
     for png in ("scores.png", "length_gap.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"

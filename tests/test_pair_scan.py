@@ -45,8 +45,10 @@ def test_counts_and_a_repeated_id_across_batches_name_file_rows(tmp_path, small_
     records = [pair(i) for i in range(50)]
     records[20] = pair(20, chosen="Same.", rejected="Same.")
     records[33] = pair(33, chosen="Same.", rejected="Same.")
+    records[40] = pair(40, chosen=" ", rejected=" ")  # blank and identical: counted once, as empty (the tokeniser's
+    records[41] = pair(41, rejected="")                # first drop)
     s = scan(write(tmp_path / f"p{suffix}", records))
-    assert (s.count, s.identical, s.implicit, len(s)) == (50, 2, False, 50)
+    assert (s.count, s.empty, s.identical, s.implicit, len(s)) == (50, 2, 2, False, 50)
     records[44] = pair(2)  # rows 3 and 45: six batches apart; without ids, the hash of the pair repeats
     msg = error(scan, write(tmp_path / f"q{suffix}", records))
     assert msg.startswith("pairs: pair id '") and "appears twice (rows 3 and 45)" in msg

@@ -15,12 +15,13 @@ import pytest
 
 from common import schema as S
 from common.io import read_manifest
-from conftest import REPO, run_stage
+from conftest import REPO, STAGE1_CANDIDATES, STAGE1_PROMPTS, run_stage
 
 pytestmark = pytest.mark.slow
 
 QUICK = REPO / "configs" / "quickstart"
-PROMPTS, CANDIDATES, EVAL_PROMPTS, BATCH = 8, 4, 4, 4
+PROMPTS, CANDIDATES = STAGE1_PROMPTS, STAGE1_CANDIDATES  # stage 1 is the session's shared run
+EVAL_PROMPTS, BATCH = 4, 4
 MIN_PAIRS = 4
 # One pair per prompt at most (the quickstart's cap). Two faithful candidates pair only if one is shorter by
 # min_length_gap words: 1 instead of the quickstart's 3, so short answers of nearly equal length still pair and a
@@ -40,10 +41,8 @@ def run(script: str, config: str, out: Path, *sets: str):
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory, model_path):
-    out = tmp_path_factory.mktemp("pipeline")
-    run("01_generate/generate.py", "01_generate.yaml", out, f"data.limit={PROMPTS}", f"sampling.n={CANDIDATES}",
-        "sampling.max_tokens=48")
+def chain(stage1_run):
+    out = stage1_run[0]  # 01_generate on the quickstart config (conftest.stage1_run); the chain goes on from it
     run("02_judge/judge.py", "02_judge.yaml", out, *PAIRING)
     run("03_dpo_train/train.py", "03_dpo_train.yaml", out, f"train_batch_size_per_device={BATCH}")
     run("04_evaluate/evaluate.py", "04_evaluate.yaml", out, f"data.limit={EVAL_PROMPTS}", "sampling.max_tokens=48",

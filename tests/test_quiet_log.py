@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import REPO, run_stage
+from conftest import STAGE1_CANDIDATES, STAGE1_PROMPTS
 
 from common.summary import main as summary_main
 from common.summary import summarize
@@ -15,9 +15,8 @@ MAX_LINES = 10  # the resource plan (3 lines) and the stage's one-line summary, 
 
 
 @pytest.mark.slow
-def test_a_real_stage_1_run_is_quiet(tmp_path):
-    proc = run_stage("01_generate/generate.py", REPO / "configs/quickstart/01_generate.yaml",
-                     "data.limit=3", "sampling.n=2", "sampling.max_tokens=16", f"output_dir={tmp_path}")
+def test_a_real_stage_1_run_is_quiet(stage1_run):
+    proc = stage1_run[1]  # the session's stage-1 run (conftest.stage1_run), as run_stage captured it
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
@@ -27,7 +26,8 @@ def test_a_real_stage_1_run_is_quiet(tmp_path):
     twice = [ln for ln, n in Counter(lines).items() if n > 1]
     assert not twice, twice
     assert len(lines) <= MAX_LINES, "\n".join(lines)
-    assert re.search(r"\[01_generate\] 3 prompts x 2 candidates = 6 responses", proc.stdout), proc.stdout
+    n, k = STAGE1_PROMPTS, STAGE1_CANDIDATES
+    assert re.search(rf"\[01_generate\] {n} prompts x {k} candidates = {n * k} responses", proc.stdout), proc.stdout
 
 
 def _manifest(folder, stage, rows, stats, seconds, created="2026-12-01T21:00:00+0000", **extra):

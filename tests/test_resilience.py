@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from common.io import read_manifest
-from conftest import REPO, run_stage
+from conftest import REPO, STAGE1_CANDIDATES, STAGE1_PROMPTS, copy_stage1, run_stage
 from test_dpo_stage import write_pairs
 
 pytestmark = pytest.mark.slow  # starts Ray / vLLM / stage subprocesses: not in `scripts/test.sh --fast`
@@ -120,10 +120,8 @@ def actor_running(proc: subprocess.Popen, name: str, seconds: float):
     return ready
 
 
-def test_judge_killed_part_way_and_rerun_scores_every_candidate_once(tmp_path):
-    gen = run_stage("01_generate/generate.py", GEN_CONFIG, f"output_dir={tmp_path}", "data.limit=4", "sampling.n=3",
-                    "sampling.max_tokens=48")
-    assert gen.returncode == 0, gen.stderr[-2000:]
+def test_judge_killed_part_way_and_rerun_scores_every_candidate_once(stage1_run, tmp_path):
+    copy_stage1(stage1_run, tmp_path)  # a real stage-1 output (conftest.stage1_run)
     config = REPO / "configs/quickstart/02_judge.yaml"
     proc = start("02_judge/judge.py", config, f"output_dir={tmp_path}")
     kill_when(proc, actor_running(proc, "_Embedder", 2))  # the judge's actor: mid-judging
@@ -131,7 +129,7 @@ def test_judge_killed_part_way_and_rerun_scores_every_candidate_once(tmp_path):
     rerun = run_stage("02_judge/judge.py", config, f"output_dir={tmp_path}")
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     scored = pd.read_parquet(tmp_path / "02_judge" / "candidates.parquet")
-    assert len(scored) == 12 and not scored.duplicated(["prompt_id", "candidate_index"]).any()
+    assert len(scored) == STAGE1_PROMPTS * STAGE1_CANDIDATES and not scored.duplicated(["prompt_id", "candidate_index"]).any()
     pairs = pd.read_parquet(tmp_path / "02_judge" / "data")
     manifest = json.loads((tmp_path / "02_judge" / "manifest.json").read_text())
     assert len(pairs) == manifest["rows"]["pairs"] and pairs["pair_id"].is_unique
