@@ -8,8 +8,8 @@ gradient of the mean over both pairs; so the curves may differ only by floating-
 resumed on 2 workers is tested in tests/test_resilience.py.
 
 The model is SmolLM2's architecture shrunk to 2 layers of width 64 with random weights (its tokenizer, built here with
-`from_config`): sharding and averaging are about the parameters' layout, not their values, and five 2-worker runs of
-the 135M model in fp32 take a quarter of an hour on 2 cores. The 135M model trains on 2 DDP workers in
+`from_config`): sharding and averaging are about the parameters' layout, not their values, and these five runs of
+the 135M model in fp32 would take a quarter of an hour on 2 cores. The 135M model trains on 2 DDP workers in
 tests/test_resilience.py.
 """
 from __future__ import annotations
