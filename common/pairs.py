@@ -18,7 +18,7 @@ import numpy as np
 from common import schema as S
 from common.errors import UserError
 from common.records import batches, data_files, file_columns, hf_dataset, is_null, json_document
-from common.tokenize import response_text
+from common.tokenize import empty_response, response_text
 
 @dataclass(frozen=True)
 class Pairs:
@@ -157,7 +157,7 @@ def _scan(files, label: str, where: str, implicit: bool | None, stop_at_error: b
                     continue
                 ids[k] = id_hash(r[S.PAIR_ID])
                 chosen, rejected = response_text(r[S.CHOSEN]), response_text(r[S.REJECTED])
-                blank = not chosen.strip() or not rejected.strip()  # the tokeniser's first drop, as it tests it
+                blank = empty_response(chosen, rejected)
                 scan.empty += blank
                 scan.identical += not blank and chosen == rejected
             hashes.append(ids)

@@ -81,12 +81,17 @@ def response_text(messages_or_text: Any) -> str:
     return list(messages_or_text)[-1]["content"]
 
 
+def empty_response(chosen_text: str, rejected_text: str) -> bool:
+    """A pair with a blank side: the tokeniser's first drop (DROP_EMPTY), also counted by the pair scan before Ray."""
+    return not chosen_text.strip() or not rejected_text.strip()
+
+
 def tokenize_pair(tok, prompt: list[dict], chosen: Any, rejected: Any, max_length: int, max_prompt_length: int,
                   truncation: str = "drop") -> dict[str, list[int]] | str:
     """Token ids of one preference pair, or the reason it was dropped (DROP_EMPTY / DROP_TOO_LONG /
     DROP_IDENTICAL)."""
     c_text, r_text = response_text(chosen), response_text(rejected)
-    if not c_text.strip() or not r_text.strip():
+    if empty_response(c_text, r_text):
         return DROP_EMPTY
     p = fit_prompt(tok, prompt, max_prompt_length)
     if p is None:

@@ -1,6 +1,6 @@
 """Stage 2 end to end, as a user runs it: a real stage-1 output (the session's 01_generate run on ACLSum abstracts,
-real vLLM: conftest.stage1_run), then 02_judge/judge.py with the quickstart config (real Ray Data, real MiniLM): TRL-format pairs,
-manifest stats, reuse on rerun, --force, zero pairs and missing input as one line with exit code 2."""
+real vLLM: conftest.stage1_run), then 02_judge/judge.py with the quickstart config (real Ray Data, real MiniLM):
+TRL-format pairs, manifest stats, reuse on rerun, --force, zero pairs and missing input as one line with exit 2."""
 import json
 import shutil
 import subprocess
