@@ -54,8 +54,8 @@ def _cfg(args, extra_sets=()):
     from common.config import load_config
 
     sets = [f"sampling.n={args.n}", f"sampling.max_tokens={args.max_tokens}", *extra_sets]
-    if args.limit:
-        sets.append(f"data.limit={args.limit}")
+    # 0 = every prompt of the split: the quickstart config's own data.limit is lifted, not inherited
+    sets.append(f"data.limit={args.limit or 'null'}")
     kwargs = {} if args.chunked_prefill else dict(NO_CHUNKED)
     kwargs.update(json.loads(args.engine_kwargs or "{}"))
     for k, v in kwargs.items():
@@ -180,6 +180,8 @@ def worker_stage1(args) -> None:
     cfg = _cfg(args, extra)
     t_begin = time.time()
     init_ray(cfg.ray)
+    import ray
+
     t_ray = time.time()
     prompts = scan_prompts(cfg.data, cfg.prompt, str(CONFIG), cfg.engine.concurrency)
 
