@@ -3,7 +3,8 @@ process with the quickstart config, one `output_dir`, every stage reading the pr
 default `input_dir`/`dpo_dir`/`judge_dir`. A handful of prompts and short answers keep it small enough for CI.
 
 Each stage must read the previous stage's real output (its manifest names that folder and its fingerprint), the
-counts must agree from stage to stage, and stage 4 must evaluate the model stage 3 trained, not the SFT model.
+counts must agree from stage to stage, and stage 4 must evaluate the model stage 3 trained, not the SFT model
+(so vLLM serves stage 3's merged checkpoint as it is).
 Stage 3's reference-cache hit on a rerun is tested in test_dpo_stage.py and not repeated here.
 """
 import json
