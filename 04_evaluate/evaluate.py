@@ -13,6 +13,8 @@ decides each prompt's DPO-vs-baseline match with the pairing rule (common.report
 judged responses (data/). Beside the training judge, the report carries signals the model never saw (common.report):
 copying of the source, a length-controlled win rate and, when the data has references (`data.columns.reference`),
 ROUGE-L and embedding similarity to them and how often the judge prefers them (they are judged like a model).
+Prompts, responses and judged rows stay on Ray Data from the read to the write (common.responses); the driver reads
+back the judged table alone, one row per (prompt, model), for the report.
 """
 import hashlib
 import json
@@ -27,7 +29,7 @@ import pandas as pd  # noqa: E402
 from common import report  # noqa: E402
 from common import schema as S  # noqa: E402
 from common.config import FilterConfig, JudgeConfig, PairingConfig, require_model, resolve  # noqa: E402
-from common.data import load_prompts, num_blocks  # noqa: E402
+from common.data import num_blocks, prompt_ids, read_prompts, scan_prompts  # noqa: E402
 from common.errors import UserError, cli  # noqa: E402
 from common.generation import engine_asks, generate, tokenize_prompts  # noqa: E402
 from common.io import StageOutput, fingerprint, read_manifest  # noqa: E402
@@ -35,6 +37,7 @@ from common.judges import build_judge, score_range  # noqa: E402
 from common.model_check import check_max_model_len  # noqa: E402
 from common.pairing import check_threshold  # noqa: E402
 from common.ray_setup import Ask, check_fits, init_ray, print_plan  # noqa: E402
+from common.responses import answered_by_all, as_responses, from_outputs, human_references  # noqa: E402
 from common.stage import parse  # noqa: E402
 
 STAGE = "04_evaluate"
@@ -136,8 +139,10 @@ def main() -> None:
     report.embedder_path(judge_cfg)  # the report's embedder: missing, it would fail only after generation
 
     # Who is compared: the DPO model, the baseline, the others; a model folder generates, an outputs file is read.
-    prompts, empty = load_prompts(cfg.data, cfg.prompt, args.config)
-    ids = [p[S.PROMPT_ID] for p in prompts]
+    prompts = scan_prompts(cfg.data, cfg.prompt, args.config, cfg.engine.concurrency)  # checked; still on disk
+    empty = prompts.empty
+    outputs = [m for m in [cfg.baseline, *cfg.others] if m.outputs]
+    ids = prompt_ids(prompts) if outputs else []  # ids only, to check each outputs file answers every prompt
     systems = [("dpo", dpo_model(dpo_m, cfg.dpo_dir), None)]
     for m in [cfg.baseline, *cfg.others]:
         where = f"{args.config}: {'baseline' if m is cfg.baseline else 'others'} '{m.name}'"
@@ -154,7 +159,7 @@ def main() -> None:
     # Reuse only if nothing it read changed: both manifests, the prompts and every outputs file.
     inputs = [dpo_m["fingerprint"], dpo_m["created"], fingerprint(resolve(cfg.data.path))] + \
         [judge_m[k] for k in ("fingerprint", "created") if judge_m] + \
-        [fingerprint(resolve(m.outputs)) for m in [cfg.baseline, *cfg.others] if m.outputs]
+        [fingerprint(resolve(m.outputs)) for m in outputs]
     up = {"dir": dpo_m["dir"], "fingerprint": hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]}
     out = StageOutput(cfg, STAGE, upstream=up, force=args.force)
     if (done := out.reusable()):
@@ -163,47 +168,37 @@ def main() -> None:
         return
 
     init_ray(cfg.ray)
-    import ray
 
-    t0, rows, skipped, gen_seconds = time.time(), [], {}, {}
-    blocks = num_blocks(len(prompts), cfg.engine.concurrency)
+    # Every model's responses stay on Ray (the object store), one model's engine at a time: see common.responses.
+    t0, parts, skipped, gen_seconds = time.time(), [], {}, {}
+    source = read_prompts(prompts).materialize()  # the prompt rows, read by Ray's tasks, once for every model
     for name, path, answers in systems:
         if answers is not None:
-            rows += [{S.PROMPT_ID: p[S.PROMPT_ID], S.SOURCE: p[S.SOURCE], S.REFERENCE: p[S.REFERENCE],
-                      S.SYSTEM: name, S.RESPONSE: answers[p[S.PROMPT_ID]], S.NUM_RESPONSE_TOKENS: -1,
-                      S.FINISH_REASON: ""} for p in prompts]
+            parts.append(from_outputs(source, name, answers))
             continue
         t = time.time()
         model = cfg.model.model_copy(update={"path": path})
-        tokenized = tokenize_prompts(ray.data.from_items(prompts, override_num_blocks=blocks), model,
-                                     cfg.sampling.max_tokens).materialize()  # small, and read twice below
-        skipped[name] = tokenized.filter(lambda r: bool(r[S.SKIP])).count()
-        for r in generate(tokenized, model, cfg.engine, cfg.sampling).take_all():
-            rows.append({k: r[k] for k in (S.PROMPT_ID, S.SOURCE, S.REFERENCE, S.RESPONSE, S.NUM_RESPONSE_TOKENS,
-                                           S.FINISH_REASON)} | {S.SYSTEM: name})
+        generated = generate(tokenize_prompts(source, model, cfg.sampling.max_tokens), model, cfg.engine, cfg.sampling)
+        parts.append(as_responses(generated, name).materialize())  # the engine stops before the next model's starts
+        skipped[name] = len(prompts) - parts[-1].count()  # a prompt too long for the context gets no response
         gen_seconds[name] = round(time.time() - t, 1)
         print(f"[{STAGE}] {name}: {len(prompts) - skipped[name]} responses in {gen_seconds[name]:.0f}s "
               f"(engine start included)", flush=True)
 
     # Compare like with like: only prompts every model answered (a prompt too long for one model is dropped).
-    answered = pd.DataFrame(rows).groupby(S.PROMPT_ID)[S.SYSTEM].nunique()
-    common = set(answered[answered == len(systems)].index)
-    if not common:
+    blocks = num_blocks(len(prompts) * (len(names) + 1) // 8, max(a.count for a in judge_asks))
+    table = answered_by_all(parts[0].union(*parts[1:], human_references(source)), names, blocks).materialize()
+    if not table.count():
         raise UserError(f"{args.config}: no prompt was answered by every model (all too long for one of them?); "
                         f"raise model.max_model_len or lower sampling.max_tokens")
-    order = {pid: i for i, pid in enumerate(ids)}  # a prompt's responses side by side: its source is embedded once
-    # The human references are judged as one more "model": how often the judge prefers them is its sanity check.
-    rows += [{S.PROMPT_ID: p[S.PROMPT_ID], S.SOURCE: p[S.SOURCE], S.REFERENCE: p[S.REFERENCE],
-              S.SYSTEM: report.REFERENCE_SYSTEM, S.RESPONSE: p[S.REFERENCE], S.NUM_RESPONSE_TOKENS: -1,
-              S.FINISH_REASON: ""} for p in prompts if p[S.PROMPT_ID] in common and str(p[S.REFERENCE]).strip()]
-    rows = sorted((r for r in rows if r[S.PROMPT_ID] in common), key=lambda r: order[r[S.PROMPT_ID]])
 
     out.begin()
     t = time.time()
-    judge_blocks = num_blocks(len(rows) // 8, max(a.count for a in judge_asks))
-    judge.score(ray.data.from_items(rows, override_num_blocks=judge_blocks)).write_parquet(str(out.data))
+    judge.score(table).write_parquet(str(out.data))
     judge_seconds = time.time() - t
-    df = pd.read_parquet(out.data).sort_values(S.PROMPT_ID, key=lambda c: c.map(order), kind="stable")
+    # The report's table: one row per (held-out prompt, model), a prompt's rows together, in prompt-id order.
+    df = pd.read_parquet(out.data).sort_values(S.PROMPT_ID, kind="stable")
+    common = df[S.PROMPT_ID].nunique()
 
     # Metrics, plots, report.md, metrics.json: all beside data/, so they land with the output.
     notes = [f"{n}: {k} of {len(prompts)} prompts were too long for the context and skipped" for n, k in
@@ -213,12 +208,12 @@ def main() -> None:
                      f"the comparison is off the trained task")
     if empty:
         notes.append(f"{empty} rows of {cfg.data.path} have an empty text and were dropped")
-    if len(common) < len(prompts):
-        notes.append(f"{len(prompts) - len(common)} prompts not answered by every model are left out everywhere")
+    if common < len(prompts):
+        notes.append(f"{len(prompts) - common} prompts not answered by every model are left out everywhere")
     metrics, table = report.assemble(
         out.tmp, df, names, cfg, judge=judge_cfg, filters=filters, pairing=pairing, dpo_manifest=dpo_m,
         notes=notes, models_used={n: p or "outputs file" for n, p, _ in systems}, embed=report.embedder(judge_cfg))
-    stats = {"prompts": len(common), "prompts_dropped": {"empty_text": empty}, "generate_seconds": gen_seconds,
+    stats = {"prompts": common, "prompts_dropped": {"empty_text": empty}, "generate_seconds": gen_seconds,
              "judge_seconds": round(judge_seconds, 1),
              "win_rate": {n: w.get("win_rate") for n, w in metrics["win_rate"].items()}}
     references = int((df[S.SYSTEM] == report.REFERENCE_SYSTEM).sum())
@@ -227,7 +222,7 @@ def main() -> None:
                           table=table, targets=metrics["targets"], report=str(out.final / "report.md"),
                           metrics_file=str(out.final / "metrics.json"))
     print(f"\n{table}\n\n{bar(metrics['targets'])}", flush=True)
-    print(f"[{STAGE}] {len(names)} models x {len(common)} prompts (+ {references} human references) judged in "
+    print(f"[{STAGE}] {len(names)} models x {common} prompts (+ {references} human references) judged in "
           f"{time.time() - t0:.0f}s "
           f"({empty} prompts dropped for an empty text). "
           f"Report: {manifest['dir']}/report.md", flush=True)

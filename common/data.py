@@ -239,10 +239,15 @@ def _parquet_rows(path: str, start: int, n: int) -> list[dict]:
 
 
 def load_prompts(data: DataConfig, prompt: PromptConfig, where: str) -> tuple[list[dict], int]:
-    """Every prompt row in a list, and how many rows were dropped for an empty text: for stage 4's held-out prompts
-    (a bounded evaluation set). Stage 1 reads them with Ray Data instead (read_prompts)."""
+    """Every prompt row in a list, and how many rows were dropped for an empty text: for a bounded set (HF's peer in
+    benchmarks/, the tests). The stages read them with Ray Data instead (read_prompts)."""
     prompts = scan_prompts(data, prompt, where)
     return [r for s in prompts.slices for r in _read_slice(*s, data, prompt, where)], prompts.empty
+
+
+def prompt_ids(prompts: Prompts) -> list[str]:
+    """The checked prompts' ids in data order, read a slice at a time (stage 4 checks outputs files against them)."""
+    return [r[S.PROMPT_ID] for s in prompts.slices for r in _read_slice(*s, prompts.data, prompts.prompt, prompts.where)]
 
 
 def read_prompts(prompts: Prompts):

@@ -20,7 +20,7 @@ from common.data import num_blocks
 from common.errors import UserError
 from common.io import fingerprint
 from common.pairs import Pairs, read_pairs, scan_pairs, shuffle_key
-from common.ray_setup import Ask
+from common.ray_setup import Ask, off_driver
 from common.tokenize import DROP_EMPTY, DROP_IDENTICAL, TOKENIZATION_VERSION, load_tokenizer, tokenize_pairs_batch
 
 
@@ -295,12 +295,22 @@ def _join_cached(batch, path: str):
 
 def write_reference_cache(cache: ReferenceCache, store, num_pairs: int) -> bool:
     """Assemble the store's parts (every run's, each pair once) into the cache file, only if they cover every
-    trained pair. Whether the cache was written."""
+    trained pair, in a Ray task (common.ray_setup.off_driver). Whether the cache was written."""
+    return off_driver(_cache_from_store, cache, store, num_pairs)
+
+
+def _cache_from_store(cache: ReferenceCache, store, num_pairs: int) -> bool:
     df = store.read()[[S.PAIR_ID, S.REF_CHOSEN_LOGPS, S.REF_REJECTED_LOGPS]]
     if len(df) != num_pairs:
         return False
     _write_cache(cache, df)
     return True
+
+
+def _cache_from_blocks(cache: ReferenceCache, blocks: list) -> None:
+    import ray
+
+    _write_cache(cache, pd.concat([b.to_pandas() for b in ray.get(blocks)], ignore_index=True))
 
 
 def _write_cache(cache: ReferenceCache, df: pd.DataFrame) -> None:
@@ -322,7 +332,8 @@ def valid_with_reference(tokenized, cfg: DPOStageConfig, ref_path: str, cache: R
     if ds is not None:
         return ds, "hit"
     ds = add_reference_logps(tokenized, cfg, ref_path, provenance_dir=provenance_dir).materialize()
-    _write_cache(cache, ds.select_columns([S.PAIR_ID, S.REF_CHOSEN_LOGPS, S.REF_REJECTED_LOGPS]).to_pandas())
+    off_driver(_cache_from_blocks, cache, ds.select_columns([S.PAIR_ID, S.REF_CHOSEN_LOGPS, S.REF_REJECTED_LOGPS])
+               .to_arrow_refs())  # the blocks go from the object store to the task, never to the driver
     return ds, "computed"
 
 

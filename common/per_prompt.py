@@ -33,7 +33,7 @@ from common.pairing import (LENGTH, PAIR_SCHEMA, QUALITY, SKIPS, holdout_count, 
 TASK_CPUS = 0.25  # every task here is light: a fraction leaves room beside the judge's actors on 2 cores
 
 
-def _by_prompt(ds, fn, num_blocks: int, **kwargs):
+def by_prompt(ds, fn, num_blocks: int, **kwargs):
     return ds.groupby(S.PROMPT_ID, num_partitions=num_blocks).map_groups(
         fn, fn_kwargs=kwargs, batch_format="pyarrow", num_cpus=TASK_CPUS)
 
@@ -50,7 +50,7 @@ def _mark(group: pa.Table, cfg: FilterConfig) -> pa.Table:
 
 def mark_filters(candidates, cfg: FilterConfig, num_blocks: int):
     """Every candidate with FILTER_REASON ("" = kept) and PAIRABLE (its prompt has two different kept texts)."""
-    return _by_prompt(candidates, _mark, num_blocks, cfg=cfg)
+    return by_prompt(candidates, _mark, num_blocks, cfg=cfg)
 
 
 def filter_totals(marked) -> tuple[dict[str, int], bool]:
@@ -76,7 +76,7 @@ def _pair(group: pa.Table, cfg: PairingConfig, seed: int) -> pa.Table:
 def pair_prompts(scored, cfg: PairingConfig, seed: int, num_blocks: int):
     """One row per prompt: its pairs (JSON of TRL rows), their counts by rule, the pairing rule's skips and the
     prompt's rank for the validation holdout (-1 without pairs)."""
-    return _by_prompt(scored, _pair, num_blocks, cfg=cfg, seed=seed)
+    return by_prompt(scored, _pair, num_blocks, cfg=cfg, seed=seed)
 
 
 def pair_totals(per_prompt) -> dict:

@@ -130,6 +130,15 @@ def init_ray(cfg: RayConfig, extra_env: dict[str, str] | None = None) -> None:
     quiet_driver(ray)
 
 
+def off_driver(fn, *args):
+    """fn(*args) in a Ray task, its result back: for a step that reads a whole set of files (the reference store's
+    parts), which on a cluster should load a worker, not the driver (one modest process). A fraction of a CPU, so
+    it also runs beside actors that hold the rest. The files must be where the task runs: output_dir is shared."""
+    import ray
+
+    return ray.get(ray.remote(num_cpus=0.25, max_retries=0)(fn).remote(*args))
+
+
 def use_shuffle(kind: str) -> None:
     """Ray Data's shuffle strategy for this driver's groupbys and sorts (RayConfig.shuffle). Ray Data's default
     starts aggregator actors for each groupby, seconds each on 2 cores, and they take CPU shares beside the stage's

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from common import schema as S
+from common.ray_setup import off_driver
 
 STORE_COLUMNS = [S.PAIR_ID, S.REF_CHOSEN_LOGPS, S.REF_REJECTED_LOGPS, S.REF_CHOSEN_TOKENS, S.REF_REJECTED_TOKENS]
 
@@ -236,7 +237,7 @@ def reference_logps_resumable(ds, cfg, model_path: str, store: ReferenceStore, p
     """Attach the reference log-probs to `ds` (lazy). `cfg` is the stage-3 config. With a `store`, the pairs it holds
     already (a rerun after a crash) are read from it and only the others go through the actor pool, which adds
     what it scores to the store. Returns (dataset, pairs read from the store)."""
-    stored = store.compact()
+    stored = off_driver(store.compact)  # every part read by a task, not the driver
     reused, total = _count_stored(ds, stored)
     if not reused:
         return add_reference_logps(ds, cfg, model_path, provenance_dir, store), 0
