@@ -1,6 +1,7 @@
 """Stage 2's per-prompt steps on a real local Ray Data (common.per_prompt) give what the in-memory rule gives
 (common.filters.filter_reasons, common.pairing.make_pairs / split_valid) on the same hand-made candidates: the same
-filter reasons, pairs, stats and validation split, whatever the block layout."""
+filter reasons, pairs, stats and validation split, whatever the block layout. Stage 4's table of responses
+(common.responses) is built with the same groupby: the prompts every model answered, a prompt's rows together."""
 import math
 import random
 
@@ -75,3 +76,31 @@ def test_no_pairable_prompt_is_reported(ray_local):
              S.PROMPT: [{"role": "user", "content": "s"}]} for k in range(3)]
     marked = mark_filters(ray_local.data.from_items(rows), FILTERS, num_blocks=1).materialize()
     assert filter_totals(marked) == ({"duplicate": 2}, False)
+
+
+def test_stage4_keeps_the_prompts_every_model_answered_side_by_side(ray_local):
+    from common.report import REFERENCE_SYSTEM
+    from common.responses import answered_by_all, as_responses, from_outputs, human_references
+
+    prompts = ray_local.data.from_items(
+        [{S.PROMPT_ID: f"p{i}", S.SOURCE: f"source {i}", S.REFERENCE: "" if i == 2 else f"human {i}"}
+         for i in range(5)], override_num_blocks=2)
+    # "dpo" had no room for p3 (a prompt too long for its context gets no row); "sft" answers from a file
+    generated = ray_local.data.from_items(
+        [{S.PROMPT_ID: f"p{i}", S.SOURCE: f"source {i}", S.REFERENCE: "", S.RESPONSE: f"dpo {i}",
+          S.NUM_RESPONSE_TOKENS: 3, S.FINISH_REASON: "stop"} for i in (4, 0, 1, 2)], override_num_blocks=3)
+    parts = [as_responses(generated, "dpo"), from_outputs(prompts, "sft", {f"p{i}": f"sft {i}" for i in range(5)}),
+             human_references(prompts)]
+    got = answered_by_all(parts[0].union(*parts[1:]), ["dpo", "sft"], 3).to_pandas()
+
+    by_prompt = {p: list(g[S.SYSTEM]) for p, g in got.groupby(S.PROMPT_ID, sort=True)}
+    assert by_prompt == {"p0": ["dpo", "sft", REFERENCE_SYSTEM], "p1": ["dpo", "sft", REFERENCE_SYSTEM],
+                         "p2": ["dpo", "sft"], "p4": ["dpo", "sft", REFERENCE_SYSTEM]}  # p3 out; p2 has no reference
+    ids = got[S.PROMPT_ID].tolist()
+    assert all(ids[i] == ids[i - 1] or ids[i] not in ids[:i] for i in range(1, len(ids)))  # a prompt's rows adjacent
+    row = got[(got[S.PROMPT_ID] == "p1") & (got[S.SYSTEM] == "sft")].iloc[0]
+    assert (row[S.RESPONSE], row[S.SOURCE], row[S.REFERENCE], row[S.NUM_RESPONSE_TOKENS], row[S.FINISH_REASON]) == \
+        ("sft 1", "source 1", "human 1", -1, "")
+    ref = got[(got[S.PROMPT_ID] == "p4") & (got[S.SYSTEM] == REFERENCE_SYSTEM)].iloc[0]
+    assert ref[S.RESPONSE] == "human 4"
+    assert set(got[got[S.SYSTEM] == "dpo"][S.FINISH_REASON]) == {"stop"}
