@@ -136,7 +136,11 @@ def off_driver(fn, *args):
     it also runs beside actors that hold the rest. The files must be where the task runs: output_dir is shared."""
     import ray
 
-    return ray.get(ray.remote(num_cpus=0.25, max_retries=0)(fn).remote(*args))
+    return ray.get(ray.remote(num_cpus=0.25, max_retries=0)(_call).remote(fn, *args))
+
+
+def _call(fn, *args):
+    return fn(*args)  # a task of its own, so `fn` may be any picklable callable (a bound method too)
 
 
 def use_shuffle(kind: str) -> None:
