@@ -171,14 +171,15 @@ def main() -> None:
 
     # Every model's responses stay on Ray (the object store), one model's engine at a time: see common.responses.
     t0, parts, skipped, gen_seconds = time.time(), [], {}, {}
-    source = read_prompts(prompts).materialize()  # the prompt rows, read by Ray's tasks, once for every model
+    prompt_rows = read_prompts(prompts).materialize()  # the prompt rows, read by Ray's tasks, once for every model
     for name, path, answers in systems:
         if answers is not None:
-            parts.append(from_outputs(source, name, answers))
+            parts.append(from_outputs(prompt_rows, name, answers))
             continue
         t = time.time()
         model = cfg.model.model_copy(update={"path": path})
-        generated = generate(tokenize_prompts(source, model, cfg.sampling.max_tokens), model, cfg.engine, cfg.sampling)
+        generated = generate(tokenize_prompts(prompt_rows, model, cfg.sampling.max_tokens), model, cfg.engine,
+                             cfg.sampling)
         parts.append(as_responses(generated, name).materialize())  # the engine stops before the next model's starts
         skipped[name] = len(prompts) - parts[-1].count()  # a prompt too long for the context gets no response
         gen_seconds[name] = round(time.time() - t, 1)
@@ -187,7 +188,7 @@ def main() -> None:
 
     # Compare like with like: only prompts every model answered (a prompt too long for one model is dropped).
     blocks = num_blocks(len(prompts) * (len(names) + 1) // 8, max(a.count for a in judge_asks))
-    table = answered_by_all(parts[0].union(*parts[1:], human_references(source)), names, blocks).materialize()
+    table = answered_by_all(parts[0].union(*parts[1:], human_references(prompt_rows)), names, blocks).materialize()
     if not table.count():
         raise UserError(f"{args.config}: no prompt was answered by every model (all too long for one of them?); "
                         f"raise model.max_model_len or lower sampling.max_tokens")
