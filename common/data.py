@@ -242,12 +242,18 @@ def load_prompts(data: DataConfig, prompt: PromptConfig, where: str) -> tuple[li
     """Every prompt row in a list, and how many rows were dropped for an empty text: for a bounded set (HF's peer in
     benchmarks/, the tests). The stages read them with Ray Data instead (read_prompts)."""
     prompts = scan_prompts(data, prompt, where)
-    return [r for s in prompts.slices for r in _read_slice(*s, data, prompt, where)], prompts.empty
+    return list(_each_prompt(prompts)), prompts.empty
 
 
 def prompt_ids(prompts: Prompts) -> list[str]:
     """The checked prompts' ids in data order, read a slice at a time (stage 4 checks outputs files against them)."""
-    return [r[S.PROMPT_ID] for s in prompts.slices for r in _read_slice(*s, prompts.data, prompts.prompt, prompts.where)]
+    return [r[S.PROMPT_ID] for r in _each_prompt(prompts)]
+
+
+def _each_prompt(prompts: Prompts):
+    """The checked prompt rows, on this process, one slice in memory at a time."""
+    for s in prompts.slices:
+        yield from _read_slice(*s, prompts.data, prompts.prompt, prompts.where)
 
 
 def read_prompts(prompts: Prompts):
