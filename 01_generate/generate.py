@@ -6,8 +6,9 @@
 
 Reads the prompts named by `data` (the ACLSum train split by default: checked by the driver a batch at a time, then
 read from the files by Ray Data's tasks: common/data.py), renders them with the model's chat template,
-skips (and counts) prompts too long for the context, and writes one row per candidate to
-`<output_dir>/01_generate/` (parquet + manifest.json).
+skips (and counts) prompts too long for the context, and writes to `<output_dir>/01_generate/`: one row per candidate
+under data/ (its prompt's id, the response and its token counts), one row per generated prompt under prompts.parquet/
+(the prompt, its source and reference: stored once, not once per candidate) and manifest.json.
 """
 import sys
 import time
@@ -18,10 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import schema as S  # noqa: E402
 from common.data import read_prompts, scan_prompts  # noqa: E402
 from common.errors import UserError, cli  # noqa: E402
-from common.generation import engine_asks, generate, tokenize_prompts  # noqa: E402
+from common.generation import PROMPT_COLUMNS, engine_asks, generate, tokenize_prompts  # noqa: E402
 from common.config import require_model, resolve  # noqa: E402
 from common.io import StageOutput, fingerprint  # noqa: E402
 from common.model_check import check_max_model_len  # noqa: E402
+from common.per_prompt import PROMPTS_FILE  # noqa: E402
 from common.ray_setup import Ask, check_fits, init_ray, print_plan  # noqa: E402
 from common.stage import parse  # noqa: E402
 
@@ -46,6 +48,7 @@ def main() -> None:
 
     init_ray(cfg.ray)
     import ray
+    from ray.data.expressions import col
 
     t0 = time.time()
     # Ray's tasks read the prompts from the files, in blocks set at read time (an all-to-all repartition() would
@@ -58,7 +61,11 @@ def main() -> None:
                         f"sampling.max_tokens; raise model.max_model_len or shorten the prompts")
 
     out.begin()
-    generate(tokenized, cfg.model, cfg.engine, cfg.sampling).write_parquet(str(out.data))
+    # A prompt's text and source once, beside its candidates (which carry its id): stage 2 attaches them where a
+    # step needs them, so they are not copied into the engine's rows, stage 1's files and stage 2's shuffles n times.
+    tokenized.filter(expr=col(S.SKIP) == "").select_columns([S.PROMPT_ID, *PROMPT_COLUMNS]).write_parquet(
+        str(out.path(PROMPTS_FILE)))
+    generate(tokenized, cfg.model, cfg.engine, cfg.sampling, carry=()).write_parquet(str(out.data))
     seconds = time.time() - t0
 
     written = ray.data.read_parquet(str(out.data))
@@ -71,7 +78,7 @@ def main() -> None:
         "candidates": n_rows, "generated_tokens": tokens, "hit_max_tokens": truncated,
         "tokens_per_second": round(tokens / seconds, 1), "generate_seconds": round(seconds, 1),
     }
-    manifest = out.commit(rows={"candidates": n_rows}, stats=stats)
+    manifest = out.commit(rows={"candidates": n_rows, "prompts": len(prompts) - len(skipped)}, stats=stats)
     print(f"[{STAGE}] {len(prompts) - len(skipped)} prompts x {cfg.sampling.n} candidates = {n_rows} responses, "
           f"{tokens} tokens in {seconds:.0f}s ({stats['tokens_per_second']} tokens/s, engine start included); "
           f"{len(skipped)} prompts skipped as too long, {prompts.empty} dropped for an empty text, {truncated} "

@@ -30,7 +30,8 @@ from common.io import StageOutput, read_manifest  # noqa: E402
 from common.judges import build_judge, error_counts, score_range  # noqa: E402
 from common.pairing import check_threshold, holdout_count, summarize  # noqa: E402
 from common.per_prompt import (all_candidates, column, details, explode, filter_totals, holdout_cutoff,  # noqa: E402
-                               mark_filters, pair_prompts, pair_totals)
+                               mark_filters, pair_prompts, pair_totals, prompt_rows, stage1_prompts, to_judge,
+                               with_prompts)
 from common.plots import length_gap_histogram, score_histogram  # noqa: E402
 from common.ray_setup import Ask, check_fits, init_ray, print_plan  # noqa: E402
 from common.stage import parse  # noqa: E402
@@ -49,24 +50,26 @@ def main() -> None:
         return
     check_fits(STAGE, asks, cfg.ray)
     upstream = read_manifest(cfg.input_dir, "01_generate")
+    prompts_file = stage1_prompts(upstream)
     out = StageOutput(cfg, STAGE, upstream=upstream, force=args.force)
     if out.reusable():
         return
 
     init_ray(cfg.ray)
     import ray
-    from ray.data.expressions import col
 
     # One Ray Data pipeline from stage 1's files to ours: the driver holds counts and one number per candidate,
     # never a row. Block count set at read time, not by repartition() (an all-to-all that can hang on 2 cores).
     blocks = num_blocks(int(upstream["rows"]["candidates"]), max(a.count for a in asks))
     candidates = ray.data.read_parquet(str(Path(upstream["dir"]) / "data"), override_num_blocks=blocks)
+    prompts = (ray.data.read_parquet(str(prompts_file), override_num_blocks=blocks)
+               if prompts_file else None)  # None: a stage-1 output from before prompts.parquet (sources inline)
 
     # Filters first (duplicates are per prompt: a groupby), so the judge never spends time on a candidate that could
-    # not be paired anyway, and "nothing to pair" fails before any model starts.
-    marked = mark_filters(candidates, cfg.filters, blocks).materialize()
-    n = marked.count()
-    filtered, can_pair = filter_totals(marked)
+    # not be paired anyway, and "nothing to pair" fails before any model starts. The prompts' rows join the same
+    # groupby, which hands the kept candidates their source (common.per_prompt).
+    marked = mark_filters(with_prompts(candidates, prompts), cfg.filters, blocks).materialize()
+    filtered, can_pair, n = filter_totals(marked)
     for warning in filter_warnings(filtered, n):  # a filter made for the quickstart can eat another task's answers
         print(f"[{STAGE}] {warning}", flush=True)
     if not can_pair:
@@ -75,13 +78,14 @@ def main() -> None:
                         f"nothing for stage 3 to train on; loosen `filters` or sample more candidates (sampling.n)")
 
     t0 = time.time()
-    kept = marked.filter(expr=col(S.FILTER_REASON) == "").drop_columns([S.FILTER_REASON, S.PAIRABLE])
-    scored = judge.score(kept).materialize()  # the judge's actors are gone before the pairing groupby starts
+    # The judge's actors are gone before the pairing groupby starts; the sources stay behind (the pairing groupby
+    # gets them from the prompt rows).
+    scored = judge.score(to_judge(marked)).drop_columns([S.SOURCE]).materialize()
     seconds = time.time() - t0
     scores = column(scored, S.SCORE)
     unparseable = int(np.isnan(scores).sum())
 
-    per_prompt = pair_prompts(scored, cfg.pairing, cfg.seed, blocks).materialize()
+    per_prompt = pair_prompts(scored, prompt_rows(marked), cfg.pairing, cfg.seed, blocks).materialize()
     pair_stats = pair_totals(per_prompt)
     if not pair_stats["pairs"]:
         raise UserError(f"{args.config}: 0 pairs from {n} candidates ({sum(filtered.values())} filtered "

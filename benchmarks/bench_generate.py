@@ -187,8 +187,8 @@ def worker_stage1(args) -> None:
 
     original = G._candidate_row
 
-    def stamped_candidate_row(row, max_tokens):  # stage 1's postprocess + timing columns
-        out = original(row, max_tokens)
+    def stamped_candidate_row(row, max_tokens, carry):  # stage 1's postprocess + timing columns
+        out = original(row, max_tokens, carry)
         metrics = row.get("metrics") or {}
         out["bench_arrival"] = float(metrics.get("arrival_time") or "nan")  # vLLM: request reached the engine
         out["bench_t_post"] = time.time()
@@ -218,7 +218,7 @@ def worker_stage1(args) -> None:
     import shutil
 
     shutil.rmtree(out_dir, ignore_errors=True)
-    G.generate(tokenized, cfg.model, cfg.engine, cfg.sampling).write_parquet(str(out_dir))
+    G.generate(tokenized, cfg.model, cfg.engine, cfg.sampling, carry=()).write_parquet(str(out_dir))
     t_end = time.time()
     df = pd.read_parquet(out_dir)
     first_req = float(df["bench_arrival"].min())

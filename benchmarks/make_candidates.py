@@ -3,8 +3,10 @@
     .venv/bin/python benchmarks/make_candidates.py --out /tmp/judge_scale/20k --candidates 20000
     .venv/bin/python benchmarks/make_candidates.py --out /tmp/big --candidates 4000 --source-bytes 80000
 
-Same columns and types as stage 1 (common.schema: PROMPT_ID, PROMPT as chat messages holding the source, SOURCE,
-REFERENCE, CANDIDATE, RESPONSE, token counts, FINISH_REASON), in several parquet files under data/, and a manifest
+Same layout, columns and types as stage 1 (common.schema): the candidates (PROMPT_ID, CANDIDATE, RESPONSE, token
+counts, FINISH_REASON) in several parquet files under data/, the prompts (PROMPT_ID, PROMPT as chat messages holding
+the source, SOURCE, REFERENCE) once each under prompts.parquet/ (with --inline, on every candidate instead, as stage
+1 wrote them before prompts.parquet), and a manifest
 written by common.io.StageOutput itself (the quickstart's stage-1 config with output_dir and sampling.n set), so
 `02_judge/judge.py --set output_dir=<out>` reads it like a real run. No model: the texts are common words in
 random order.
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import schema as S  # noqa: E402
 from common.config import REPO, load_config  # noqa: E402
 from common.io import StageOutput, read_manifest  # noqa: E402
+from common.per_prompt import PROMPTS_FILE  # noqa: E402
 
 STAGE = "01_generate"
 TEMPLATE = "Summarize this abstract in one or two sentences.\n\n"  # the quickstart's, before {text}
@@ -94,8 +97,8 @@ def _response_words(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.nd
 
 
 def make_table(corpus: tuple[str, np.ndarray], first_prompt: int, prompts: int, per_prompt: int,
-               source_bytes: int, rng: np.random.Generator) -> pa.Table:
-    """The candidates of prompts first_prompt .. first_prompt + prompts - 1, sorted by (PROMPT_ID, CANDIDATE)."""
+               source_bytes: int, rng: np.random.Generator) -> tuple[pa.Table, pa.Table]:
+    """(the prompts first_prompt .. first_prompt + prompts - 1, their candidates sorted by (PROMPT_ID, CANDIDATE))."""
     text, starts = corpus
     candidates = prompts * per_prompt
     mean_word = len(text) / len(starts)
@@ -120,15 +123,14 @@ def make_table(corpus: tuple[str, np.ndarray], first_prompt: int, prompts: int, 
 
     take = pa.array(prompt_of)
     messages = pa.ListArray.from_arrays(
-        pa.array(np.arange(candidates + 1, dtype=np.int32)),
-        pa.StructArray.from_arrays([pa.array(["user"] * candidates), content.take(take)], ["role", "content"]))
+        pa.array(np.arange(prompts + 1, dtype=np.int32)),
+        pa.StructArray.from_arrays([pa.array(["user"] * prompts), content], ["role", "content"]))
     prompt_tokens = (pc.binary_length(content).to_numpy() // 4).astype(np.int64)
     response_tokens = (words * 1.3).astype(np.int64)
-    return pa.table({
+    prompt_table = pa.table({S.PROMPT_ID: pa.array(ids), S.PROMPT: messages, S.SOURCE: sources,
+                             S.REFERENCE: pa.array([""] * prompts, pa.string())})
+    return prompt_table, pa.table({
         S.PROMPT_ID: pa.array(ids).take(take),
-        S.PROMPT: messages,
-        S.SOURCE: sources.take(take),
-        S.REFERENCE: pa.array([""] * candidates, pa.string()),
         S.CANDIDATE: pa.array(cand, pa.int64()),
         S.RESPONSE: pa.array(responses, pa.string()),
         S.NUM_PROMPT_TOKENS: pa.array(prompt_tokens[prompt_of]),
@@ -137,24 +139,35 @@ def make_table(corpus: tuple[str, np.ndarray], first_prompt: int, prompts: int, 
     })
 
 
-def write_files(folder: Path, candidates: int, per_prompt: int, source_bytes: int, files: int, seed: int) -> dict:
+def write_files(so: StageOutput, candidates: int, per_prompt: int, source_bytes: int, files: int, seed: int,
+                inline: bool = False) -> dict:
     """The parquet files, one generated at a time (1M candidates hold ~20 GB in Arrow); totals for the manifest.
     File k's rows come from a generator seeded by (seed, k): the same parameters give the same bytes."""
     corpus = _corpus(np.random.default_rng(seed))
     prompts = -(-candidates // per_prompt)
     per_file = -(-prompts // files)  # whole prompts per file, as stage 1's blocks mostly keep them
     totals = {"generated_tokens": 0, "hit_max_tokens": 0}
+    if not inline:
+        so.path(PROMPTS_FILE).mkdir()
     for k, lo in enumerate(range(0, prompts, per_file)):
-        table = make_table(corpus, lo, min(per_file, prompts - lo), per_prompt, source_bytes,
-                           np.random.default_rng([seed, k]))
-        pq.write_table(table, folder / f"part-{k:05d}.parquet")
+        prompt_table, table = make_table(corpus, lo, min(per_file, prompts - lo), per_prompt, source_bytes,
+                                         np.random.default_rng([seed, k]))
+        if inline:  # stage 1's layout before prompts.parquet: the prompt's columns on each of its candidates
+            at = pc.index_in(table.column(S.PROMPT_ID), prompt_table.column(S.PROMPT_ID))
+            extra = prompt_table.drop_columns([S.PROMPT_ID]).take(at)
+            table = pa.Table.from_arrays(table.columns[:1] + extra.columns + table.columns[1:],
+                                         names=table.column_names[:1] + extra.column_names + table.column_names[1:])
+        else:
+            pq.write_table(prompt_table, so.path(PROMPTS_FILE) / f"part-{k:05d}.parquet")
+        pq.write_table(table, so.data / f"part-{k:05d}.parquet")
         totals["generated_tokens"] += int(pc.sum(table.column(S.NUM_RESPONSE_TOKENS)).as_py())
         totals["hit_max_tokens"] += int(pc.sum(pc.equal(table.column(S.FINISH_REASON), "length")).as_py())
     return totals
 
 
-def params(candidates: int, per_prompt: int, source_bytes: int, files: int, seed: int) -> dict:
-    return dict(candidates=candidates, per_prompt=per_prompt, source_bytes=source_bytes, files=files, seed=seed)
+def params(candidates: int, per_prompt: int, source_bytes: int, files: int, seed: int, inline: bool) -> dict:
+    return dict(candidates=candidates, per_prompt=per_prompt, source_bytes=source_bytes, files=files, seed=seed,
+                inline=inline)
 
 
 def existing(out: str | Path, wanted: dict) -> dict | None:
@@ -167,12 +180,12 @@ def existing(out: str | Path, wanted: dict) -> dict | None:
 
 
 def make_candidates(out: str | Path, candidates: int, per_prompt: int = 4, source_bytes: int = 11_000,
-                    files: int = 0, seed: int = 0, force: bool = False) -> dict:
+                    files: int = 0, seed: int = 0, force: bool = False, inline: bool = False) -> dict:
     """Write `<out>/01_generate/` (reused if it holds the same parameters, unless `force`); its manifest.
     `candidates` is rounded up to whole prompts."""
     candidates = -(-candidates // per_prompt) * per_prompt
     files = files or max(4, -(-candidates // 25_000))
-    wanted = params(candidates, per_prompt, source_bytes, files, seed)
+    wanted = params(candidates, per_prompt, source_bytes, files, seed, inline)
     if not force and (m := existing(out, wanted)):
         print(f"[make_candidates] reusing {m['dir']} ({candidates} candidates)", flush=True)
         return m
@@ -182,13 +195,13 @@ def make_candidates(out: str | Path, candidates: int, per_prompt: int = 4, sourc
     so = StageOutput(cfg, STAGE, upstream={"dir": "synthetic:benchmarks/make_candidates.py",
                                            "fingerprint": json.dumps(wanted, sort_keys=True)}, force=True)
     so.begin()
-    totals = write_files(so.data, candidates, per_prompt, source_bytes, files, seed)
+    totals = write_files(so, candidates, per_prompt, source_bytes, files, seed, inline)
     seconds = round(time.time() - t0, 1)
     prompts = candidates // per_prompt
     stats = {"synthetic": wanted, "prompts": prompts, "prompts_skipped": 0, "prompts_dropped": {"empty_text": 0},
              "skipped": [], "candidates": candidates, **totals,
              "tokens_per_second": 0.0, "generate_seconds": seconds}
-    manifest = so.commit(rows={"candidates": candidates}, stats=stats)
+    manifest = so.commit(rows={"candidates": candidates, "prompts": prompts}, stats=stats)
     size = sum(f.stat().st_size for f in (so.final / "data").iterdir())
     print(f"[make_candidates] {candidates} candidates ({prompts} prompts x {per_prompt}, sources ~{source_bytes} B) "
           f"in {seconds}s: {size / 2**20:.0f} MiB of parquet in {manifest['dir']}", flush=True)
@@ -205,8 +218,9 @@ def main() -> None:
     p.add_argument("--files", type=int, default=0, help="parquet files (0: one per 25k candidates, at least 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="write it again even if the same parameters are there")
+    p.add_argument("--inline", action="store_true", help="stage 1's older layout: the prompt on every candidate")
     a = p.parse_args()
-    make_candidates(a.out, a.candidates, a.per_prompt, a.source_bytes, a.files, a.seed, a.force)
+    make_candidates(a.out, a.candidates, a.per_prompt, a.source_bytes, a.files, a.seed, a.force, a.inline)
 
 
 if __name__ == "__main__":

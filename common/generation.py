@@ -59,6 +59,9 @@ def tokenize_prompts(ds, model: ModelConfig, max_tokens: int):
     )
 
 
+PROMPT_COLUMNS = (S.PROMPT, S.SOURCE, S.REFERENCE)  # what a candidate row can carry from its prompt
+
+
 def _expand(row: dict[str, Any], n: int) -> list[dict[str, Any]]:
     if row[S.SKIP]:
         return []
@@ -107,17 +110,16 @@ def _sampling_row(row: dict[str, Any], sampling: dict[str, Any], seed: int) -> d
     params = dict(sampling, n=1, seed=candidate_seed(seed, row[S.PROMPT_ID], int(row[S.CANDIDATE])))
     # In place: ray.data.llm merges our return value into the input row, and its vLLM stage would read our
     # chat-messages `prompt` column as a text prompt.
-    row[MESSAGES] = row.pop(S.PROMPT)
+    if S.PROMPT in row:
+        row[MESSAGES] = row.pop(S.PROMPT)
     row["sampling_params"] = params
     return row
 
 
-def _candidate_row(row: dict[str, Any], max_tokens: int) -> dict[str, Any]:
+def _candidate_row(row: dict[str, Any], max_tokens: int, carry: tuple[str, ...]) -> dict[str, Any]:
     return {
         S.PROMPT_ID: row[S.PROMPT_ID],
-        S.PROMPT: row[MESSAGES],
-        S.SOURCE: row[S.SOURCE],
-        S.REFERENCE: row[S.REFERENCE],
+        **{c: row[MESSAGES if c == S.PROMPT else c] for c in carry},
         S.CANDIDATE: int(row[S.CANDIDATE]),
         S.RESPONSE: row["generated_text"].strip(),
         S.NUM_PROMPT_TOKENS: int(row["num_input_tokens"]),
@@ -126,15 +128,18 @@ def _candidate_row(row: dict[str, Any], max_tokens: int) -> dict[str, Any]:
     }
 
 
-def generate(tokenized_ds, model: ModelConfig, engine: EngineConfig, sampling: SamplingConfig):
-    """Prompt rows (with TOKENIZED/SKIP) -> one row per candidate (see common.schema). Lazy: nothing runs until
-    the dataset is consumed."""
+def generate(tokenized_ds, model: ModelConfig, engine: EngineConfig, sampling: SamplingConfig,
+             carry: tuple[str, ...] = PROMPT_COLUMNS):
+    """Prompt rows (with TOKENIZED/SKIP) -> one row per candidate (see common.schema), with the prompt's `carry`
+    columns (of PROMPT_COLUMNS). Lazy: nothing runs until the dataset is consumed."""
     params = dict(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
                   stop=list(sampling.stop) or None)
-    expanded = tokenized_ds.flat_map(_expand, fn_kwargs=dict(n=sampling.n), num_cpus=0.25)
+    # Columns not carried are dropped before the n-fold expansion: they never pass through the engine.
+    slim = tokenized_ds.select_columns([S.PROMPT_ID, S.TOKENIZED, S.SKIP, *carry])
+    expanded = slim.flat_map(_expand, fn_kwargs=dict(n=sampling.n), num_cpus=0.25)
     processor = build_engine(
         model, engine,
         preprocess=lambda row: _sampling_row(row, params, sampling.seed),
-        postprocess=lambda row: _candidate_row(row, sampling.max_tokens),
+        postprocess=lambda row: _candidate_row(row, sampling.max_tokens, carry),
     )
     return processor(expanded)

@@ -1,9 +1,10 @@
 """Stage 2's per-prompt steps as Ray Data transforms: the candidates stream from stage 1's files to stage 2's, and
 the driver holds counts, never rows.
 
-    marked = mark_filters(candidates, cfg.filters)        # + FILTER_REASON, PAIRABLE (groupby prompt)
-    totals = filter_totals(marked)                        # {reason: count}, and whether any prompt can be paired
-    per_prompt = pair_prompts(scored, cfg.pairing, seed)  # one row per prompt: its pairs, counts, holdout rank
+    members = with_prompts(candidates, prompts)           # the candidates and a row per prompt (its text, source)
+    marked = mark_filters(members, cfg.filters)           # + FILTER_REASON, PAIRABLE, kept ones' SOURCE (groupby)
+    totals = filter_totals(marked)                        # {reason: count}, whether any prompt can be paired, count
+    per_prompt = pair_prompts(scored, prompt_rows(marked), cfg.pairing, seed)  # one row per prompt: pairs, counts
     stats = pair_totals(per_prompt)                       # the manifest's pairing stats, from Ray Data aggregates
     cutoff = holdout_cutoff(per_prompt, fraction)         # prompts at or below it are held out for validation
     pairs = explode(per_prompt, cutoff, held=False)       # TRL rows, one per pair
@@ -14,19 +15,28 @@ prompt, so no step needs the whole dataset. On 2 cores the groupbys run while no
 actors start after the first and are gone before the second, because the caller materialises around the judge):
 a shuffle's reduce tasks want a CPU each, and on a cluster the same order keeps the judge's GPUs busy instead of
 waiting on a shuffle.
+
+A prompt's text and source are stored once (stage 1's prompts.parquet), not on each candidate. They reach the
+candidates inside those same groupbys: one row per prompt (CANDIDATE == PROMPT_ROW) goes into the shuffle beside the
+candidates, so a source crosses each shuffle once per prompt instead of n times, and nothing is joined on the driver
+or read again per block. Only the judge's input carries a source per candidate (it scores each against it).
 """
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from common import schema as S
 from common.config import FilterConfig, PairingConfig
+from common.errors import UserError
 from common.filters import filter_reasons
 from common.judges.base import num_words
 from common.judges import parse_details
+from common.generation import PROMPT_COLUMNS
 from common.pairing import (LENGTH, PAIR_SCHEMA, QUALITY, SKIPS, holdout_count, holdout_rank, pair_stats, pairable,
                             pairs_for_prompt, prompt_totals, trl_row)
 
@@ -38,45 +48,147 @@ def by_prompt(ds, fn, num_blocks: int, **kwargs):
         fn, fn_kwargs=kwargs, batch_format="pyarrow", num_cpus=TASK_CPUS)
 
 
+# ---------------------------------------------------------------- a prompt's own columns
+PROMPT_ROW = -1  # the CANDIDATE of a prompt's row among its candidates (sorts first)
+NO_PROMPT = "no_prompt"  # FILTER_REASON of a candidate whose prompt row is missing: it has no source to judge by
+
+
+PROMPTS_FILE = "prompts.parquet"  # in stage 1's output, beside data/
+
+
+def stage1_prompts(manifest: dict) -> Path | None:
+    """Stage 1's prompts file (from its manifest), or None for an output written before stage 1 kept one."""
+    if PROMPTS_FILE not in manifest.get("files", ()):
+        return None
+    path = Path(manifest["dir"]) / PROMPTS_FILE
+    if not path.is_dir() or not any(path.glob("*.parquet")):
+        raise UserError(f"{path}: missing or empty, but {manifest['dir']}/manifest.json lists it; rerun 01_generate "
+                        f"with --force")
+    return path
+
+
+def _schema(ds) -> pa.Schema:
+    return ds.schema().base_schema  # Arrow blocks: every step of stage 2 makes them
+
+
+def _padded(batch: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`batch` with `schema`'s columns, in its order; the ones it lacks are nulls (rows of a union have one schema)."""
+    have = set(batch.column_names)
+    return pa.Table.from_arrays([batch.column(f.name).cast(f.type) if f.name in have
+                                 else pa.nulls(batch.num_rows, f.type) for f in schema], schema=schema)
+
+
+def _meet(candidates, prompts):
+    """One dataset of candidate rows and prompt rows, both padded to the union of their columns."""
+    schema = pa.unify_schemas([_schema(candidates), _schema(prompts)], promote_options="permissive")
+    pad = dict(batch_format="pyarrow", num_cpus=TASK_CPUS, fn_kwargs={"schema": schema})
+    return candidates.map_batches(_padded, **pad).union(prompts.map_batches(_padded, **pad))
+
+
+def _as_prompt_rows(batch: pa.Table) -> pa.Table:
+    return batch.append_column(S.CANDIDATE, pa.array([PROMPT_ROW] * batch.num_rows, pa.int64()))
+
+
+def _split_inline(batch: pa.Table) -> pa.Table:
+    """A batch of candidates that carry their prompt's columns -> the candidates without them, and a prompt row for
+    each prompt in the batch (the groupby keeps one)."""
+    first: dict[str, int] = {}
+    for i, pid in enumerate(batch.column(S.PROMPT_ID).to_pylist()):
+        first.setdefault(pid, i)
+    prompts = _as_prompt_rows(batch.select([S.PROMPT_ID, *PROMPT_COLUMNS]).take(pa.array(list(first.values()))))
+    slim = batch.drop_columns(list(PROMPT_COLUMNS))
+    schema = pa.unify_schemas([slim.schema, prompts.schema], promote_options="permissive")
+    return pa.concat_tables([_padded(slim, schema), _padded(prompts, schema)])
+
+
+def with_prompts(candidates, prompts=None):
+    """Stage 1's candidates and one row per prompt (CANDIDATE == PROMPT_ROW, with PROMPT_COLUMNS), as one dataset
+    for mark_filters. `prompts`: stage 1's prompts.parquet; None for a stage-1 output from before it, whose
+    candidates carry their prompt's columns (then each batch gives the prompt rows of the prompts it holds)."""
+    if prompts is None:
+        return candidates.map_batches(_split_inline, batch_format="pyarrow", num_cpus=TASK_CPUS)
+    return _meet(candidates, prompts.map_batches(_as_prompt_rows, batch_format="pyarrow", num_cpus=TASK_CPUS))
+
+
+def prompt_rows(marked):
+    """The prompt rows mark_filters kept (one per prompt), for pair_prompts."""
+    from ray.data.expressions import col
+
+    return marked.filter(expr=col(S.CANDIDATE) == PROMPT_ROW).select_columns([S.PROMPT_ID, S.CANDIDATE,
+                                                                             *PROMPT_COLUMNS])
+
+
+def _split(group: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """A group of the per-prompt groupby -> (its prompt row: one row, or none; its candidates, by index)."""
+    group = group.sort_by(S.CANDIDATE)
+    n = pc.sum(pc.equal(group.column(S.CANDIDATE), PROMPT_ROW)).as_py() or 0
+    return group.slice(0, min(n, 1)), group.slice(n)
+
+
 # ---------------------------------------------------------------- filters
 def _mark(group: pa.Table, cfg: FilterConfig) -> pa.Table:
-    group = group.sort_by(S.CANDIDATE)  # the first of two duplicates is kept: "first" is the lower index
-    reasons = filter_reasons(group.select([S.PROMPT_ID, S.RESPONSE]).to_pandas(), cfg)
-    kept = [t for t, r in zip(group.column(S.RESPONSE).to_pylist(), reasons) if not r]
+    prompt, cands = _split(group)  # the first of two duplicates is kept: "first" is the lower index
+    reasons = filter_reasons(cands.select([S.PROMPT_ID, S.RESPONSE]).to_pandas(), cfg)
+    if not prompt.num_rows:
+        reasons = [r or NO_PROMPT for r in reasons]
+    kept = [t for t, r in zip(cands.column(S.RESPONSE).to_pylist(), reasons) if not r]
     ok = pairable([""] * len(kept), kept)
-    return (group.append_column(S.FILTER_REASON, pa.array(reasons, pa.string()))
-            .append_column(S.PAIRABLE, pa.array([ok] * group.num_rows, pa.bool_())))
+    # Only the candidates the judge will score get the source; the prompt row keeps every prompt column.
+    source = [r[S.SOURCE] for r in prompt.select([S.SOURCE]).to_pylist()]
+    cands = cands.set_column(cands.column_names.index(S.SOURCE), S.SOURCE,
+                             pa.array([None if r else source[0] for r in reasons], cands.schema.field(S.SOURCE).type))
+    rows = pa.concat_tables([prompt, cands])
+    reasons = [""] * prompt.num_rows + reasons
+    return (rows.append_column(S.FILTER_REASON, pa.array(reasons, pa.string()))
+            .append_column(S.PAIRABLE, pa.array([ok] * rows.num_rows, pa.bool_())))
 
 
-def mark_filters(candidates, cfg: FilterConfig, num_blocks: int):
-    """Every candidate with FILTER_REASON ("" = kept) and PAIRABLE (its prompt has two different kept texts)."""
-    return by_prompt(candidates, _mark, num_blocks, cfg=cfg)
+def mark_filters(members, cfg: FilterConfig, num_blocks: int):
+    """Every candidate with FILTER_REASON ("" = kept) and PAIRABLE (its prompt has two different kept texts), the
+    kept ones with their prompt's SOURCE; and each prompt's row (with_prompts), once."""
+    return by_prompt(members, _mark, num_blocks, cfg=cfg)
 
 
-def filter_totals(marked) -> tuple[dict[str, int], bool]:
-    """({filter reason: candidates removed}, whether any prompt can still be paired): one small aggregate."""
+def filter_totals(marked) -> tuple[dict[str, int], bool, int]:
+    """({filter reason: candidates removed}, whether any prompt can still be paired, the number of candidates): one
+    small aggregate."""
     from ray.data.aggregate import Count, Max
+    from ray.data.expressions import col
 
-    rows = marked.groupby(S.FILTER_REASON).aggregate(Count(), Max(S.PAIRABLE)).take_all()  # a row per reason
+    rows = (marked.filter(expr=col(S.CANDIDATE) != PROMPT_ROW).groupby(S.FILTER_REASON)
+            .aggregate(Count(), Max(S.PAIRABLE)).take_all())  # a row per reason
     removed = {r[S.FILTER_REASON]: int(r["count()"]) for r in rows if r[S.FILTER_REASON]}
-    return dict(sorted(removed.items())), any(r[f"max({S.PAIRABLE})"] for r in rows)
+    return (dict(sorted(removed.items())), any(r[f"max({S.PAIRABLE})"] for r in rows),
+            sum(int(r["count()"]) for r in rows))
+
+
+def to_judge(marked):
+    """The candidates no filter removed, with their prompt's SOURCE: the judge's input."""
+    from ray.data.expressions import col
+
+    keep = (col(S.FILTER_REASON) == "") & (col(S.CANDIDATE) != PROMPT_ROW)
+    return marked.filter(expr=keep).drop_columns([S.FILTER_REASON, S.PAIRABLE, S.PROMPT, S.REFERENCE])
 
 
 # ---------------------------------------------------------------- pairs
 def _pair(group: pa.Table, cfg: PairingConfig, seed: int) -> pa.Table:
-    rows = group.sort_by(S.CANDIDATE).to_pylist()
-    pid = rows[0][S.PROMPT_ID]
+    prompt, cands = _split(group)  # mark_filters sends a candidate to the judge only if its prompt row is there
+    own = prompt.select([S.PROMPT, S.SOURCE]).to_pylist()
+    rows = [dict(r, **own[0]) for r in cands.to_pylist()]
+    pid = group.column(S.PROMPT_ID)[0].as_py()
     kept, counts = pairs_for_prompt(rows, cfg, seed)
     pairs = [trl_row(pid, p) for p in kept]
     row = {S.PROMPT_ID: pid, S.PAIRS_JSON: json.dumps(pairs, ensure_ascii=False), **prompt_totals(pairs, counts),
            S.HOLDOUT_RANK: holdout_rank(seed, pid) if pairs else -1}
-    return pa.Table.from_pylist([row])
+    out = pa.Table.from_pylist([row])
+    return out if rows else out.slice(0, 0)  # a prompt none of whose candidates was judged is not counted
 
 
-def pair_prompts(scored, cfg: PairingConfig, seed: int, num_blocks: int):
-    """One row per prompt: its pairs (JSON of TRL rows), their counts by rule, the pairing rule's skips and the
-    prompt's rank for the validation holdout (-1 without pairs)."""
-    return by_prompt(scored, _pair, num_blocks, cfg=cfg, seed=seed)
+def pair_prompts(scored, prompts, cfg: PairingConfig, seed: int, num_blocks: int):
+    """One row per judged prompt: its pairs (JSON of TRL rows, with the PROMPT and SOURCE of its row in `prompts`),
+    their counts by rule, the pairing rule's skips and the prompt's rank for the validation holdout (-1 without
+    pairs)."""
+    return by_prompt(_meet(scored, prompts), _pair, num_blocks, cfg=cfg, seed=seed)
 
 
 def pair_totals(per_prompt) -> dict:
@@ -141,11 +253,12 @@ def _judged(batch: pa.Table) -> pa.Table:
 
 def all_candidates(marked, scored):
     """Every candidate for candidates.parquet: the judged ones with their score, the removed ones with why (and no
-    score). PROMPT is left out: it repeats SOURCE inside the prompt template."""
+    score). The prompt's columns are left out: they are stage 1's prompts.parquet, once per prompt."""
     from ray.data.expressions import col
 
-    removed = (marked.filter(expr=col(S.FILTER_REASON) != "").drop_columns([S.PAIRABLE, S.PROMPT])
+    removed = (marked.filter(expr=(col(S.FILTER_REASON) != "") & (col(S.CANDIDATE) != PROMPT_ROW))
+               .drop_columns([S.PAIRABLE, *PROMPT_COLUMNS])
                .map_batches(_removed, batch_format="pyarrow", num_cpus=TASK_CPUS))
-    judged = scored.drop_columns([S.PROMPT]).map_batches(_judged, batch_format="pyarrow", num_cpus=TASK_CPUS)
-    names = [c for c in scored.columns() if c != S.PROMPT] + [S.FILTER_REASON]
+    judged = scored.map_batches(_judged, batch_format="pyarrow", num_cpus=TASK_CPUS)
+    names = [c for c in scored.columns() if c not in PROMPT_COLUMNS] + [S.FILTER_REASON]
     return judged.union(removed).select_columns(names)

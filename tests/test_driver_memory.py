@@ -54,7 +54,7 @@ def judge_driver(output_dir: Path) -> tuple[float, subprocess.CompletedProcess]:
 
 def test_stage2_driver_peak_rss_stays_below_one_copy_of_the_candidates(tmp_path):
     make_candidates(tmp_path / "small", 40, source_bytes=1000)
-    big = make_candidates(tmp_path / "big", CANDIDATES, source_bytes=SOURCE_BYTES)
+    big = make_candidates(tmp_path / "big", CANDIDATES, source_bytes=SOURCE_BYTES, inline=True)
     data_mib = arrow_mib(Path(big["dir"]))
     assert data_mib > 300, data_mib  # large enough that holding it shows
 

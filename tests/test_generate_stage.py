@@ -57,8 +57,14 @@ def test_rows_ids_and_text(first):
     assert (df.num_response_tokens > 0).all() and (df.num_response_tokens <= 24).all()
     assert set(df.finish_reason) <= {"stop", "length"}
     assert (df.finish_reason == "length").eq(df.num_response_tokens == 24).all()
-    first_prompt = list(df.prompt.iloc[0])
+    # the prompt's own columns once per prompt, beside the candidates (not on each of them)
+    assert not {"prompt", "source", "reference"} & set(df.columns)
+    prompts = pd.read_parquet(tmp / "a" / "01_generate" / "prompts.parquet").sort_values("prompt_id")
+    assert prompts.prompt_id.tolist() == ["t1", "t2", "t3"] and set(prompts.columns) == {
+        "prompt_id", "prompt", "source", "reference"}
+    first_prompt = list(prompts.prompt.iloc[0])
     assert first_prompt[-1]["role"] == "user" and "support ticket" in first_prompt[-1]["content"]
+    assert all(src in list(p)[-1]["content"] for src, p in zip(prompts.source, prompts.prompt))
     assert "responses" in proc.stdout and "1 prompts skipped" in proc.stdout
 
 

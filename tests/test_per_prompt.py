@@ -1,6 +1,7 @@
 """Stage 2's per-prompt steps on a real local Ray Data (common.per_prompt) give what the in-memory rule gives
 (common.filters.filter_reasons, common.pairing.make_pairs / split_valid) on the same hand-made candidates: the same
-filter reasons, pairs, stats and validation split, whatever the block layout. Stage 4's table of responses
+filter reasons, pairs, stats and validation split, whatever the block layout, and whether the prompts come in
+their own table (stage 1's prompts.parquet) or on every candidate (stage 1's outputs from before it). Stage 4's table of responses
 (common.responses) is built with the same groupby: the prompts every model answered, a prompt's rows together."""
 import math
 import random
@@ -13,8 +14,8 @@ from common import schema as S
 from common.config import FilterConfig, PairingConfig
 from common.filters import filter_reasons
 from common.pairing import make_pairs, split_valid
-from common.per_prompt import (all_candidates, column, explode, filter_totals, holdout_cutoff, mark_filters,
-                               pair_prompts, pair_totals)
+from common.per_prompt import (NO_PROMPT, all_candidates, column, explode, filter_totals, holdout_cutoff,
+                               mark_filters, pair_prompts, pair_totals, prompt_rows, to_judge, with_prompts)
 
 pytestmark = pytest.mark.slow  # starts Ray
 
@@ -31,27 +32,48 @@ def candidates(prompts=40, n=5, seed=0):
         for k, t in enumerate(texts):
             score = math.nan if (p + k) % 17 == 0 else round(rng.random(), 3)  # some unparseable
             rows.append({S.PROMPT_ID: f"p{p:03d}", S.CANDIDATE: k, S.RESPONSE: t, S.SOURCE: f"source {p}",
-                         S.PROMPT: [{"role": "user", "content": f"Summarize: source {p}"}], S.SCORE: score,
-                         S.NUM_WORDS: len(t.split())})
+                         S.PROMPT: [{"role": "user", "content": f"Summarize: source {p}"}], S.REFERENCE: "",
+                         S.SCORE: score, S.NUM_WORDS: len(t.split())})
     rng.shuffle(rows)  # stage 1's rows arrive in any order: the per-prompt steps must not care
     return pd.DataFrame(rows)
 
 
-def test_same_filters_pairs_stats_and_split_as_in_memory(ray_local):
+PROMPT_COLUMNS = [S.PROMPT, S.SOURCE, S.REFERENCE]
+
+
+def members(ray, df, inline: bool):
+    """Stage 1's output as stage 2 reads it: the candidates carry their prompt (inline), or a prompts table does."""
+    def data(frame, blocks):
+        return ray.data.from_arrow(pa.Table.from_pandas(frame, preserve_index=False)).repartition(blocks)
+
+    cands = df.drop(columns=[S.SCORE, S.NUM_WORDS])
+    if inline:
+        return with_prompts(data(cands, 7))
+    prompts = cands.drop_duplicates(S.PROMPT_ID)[[S.PROMPT_ID, *PROMPT_COLUMNS]]
+    return with_prompts(data(cands.drop(columns=PROMPT_COLUMNS), 7), data(prompts, 3))
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["prompts_table", "inline"])
+def test_same_filters_pairs_stats_and_split_as_in_memory(ray_local, inline):
     df = candidates()
-    ds = ray_local.data.from_arrow(pa.Table.from_pandas(df.drop(columns=[S.SCORE, S.NUM_WORDS]),
-                                                        preserve_index=False)).repartition(7)
-    marked = mark_filters(ds, FILTERS, num_blocks=3).materialize()
+    marked = mark_filters(members(ray_local, df, inline), FILTERS, num_blocks=3).materialize()
     ordered = df.sort_values([S.PROMPT_ID, S.CANDIDATE], ignore_index=True)
     expected = filter_reasons(ordered, FILTERS)
-    got = marked.to_pandas().sort_values([S.PROMPT_ID, S.CANDIDATE])[S.FILTER_REASON].tolist()
-    assert got == expected and {"duplicate", "invalid_chars", "too_short", "too_long"} <= set(expected)
-    removed, can_pair = filter_totals(marked)
-    assert removed == {r: expected.count(r) for r in set(expected) if r} and can_pair
+    got = marked.to_pandas().query(f"{S.CANDIDATE} >= 0").sort_values([S.PROMPT_ID, S.CANDIDATE])
+    assert got[S.FILTER_REASON].tolist() == expected
+    assert {"duplicate", "invalid_chars", "too_short", "too_long"} <= set(expected)
+    removed, can_pair, n = filter_totals(marked)
+    assert removed == {r: expected.count(r) for r in set(expected) if r} and can_pair and n == len(df)
 
     kept = ordered[[not r for r in expected]]
-    scored = ray_local.data.from_pandas(kept).repartition(5)  # as the judge leaves it: scored, any blocks
-    per_prompt = pair_prompts(scored, RULE, seed=3, num_blocks=4).materialize()
+    judged = to_judge(marked).to_pandas()  # the judge's input: the kept candidates, each with its prompt's source
+    assert sorted(zip(judged[S.PROMPT_ID], judged[S.CANDIDATE], judged[S.SOURCE])) == \
+        sorted(zip(kept[S.PROMPT_ID], kept[S.CANDIDATE], kept[S.SOURCE]))
+    assert S.PROMPT not in judged  # nor any other prompt column
+    # as the judge leaves it: scored, without the source, any blocks
+    scored = ray_local.data.from_arrow(pa.Table.from_pandas(kept.drop(columns=PROMPT_COLUMNS), preserve_index=False)
+                                       ).repartition(5)
+    per_prompt = pair_prompts(scored, prompt_rows(marked), RULE, seed=3, num_blocks=4).materialize()
     pairs, stats = make_pairs(kept, RULE, seed=3)
     assert pair_totals(per_prompt) == stats and stats["pairs"] > 20 and stats["ties_dropped"] > 0
 
@@ -62,7 +84,8 @@ def test_same_filters_pairs_stats_and_split_as_in_memory(ray_local):
         want = pd.DataFrame(want).sort_values(S.PAIR_ID, ignore_index=True)
         flat = [S.PROMPT, S.CHOSEN, S.REJECTED]
         pd.testing.assert_frame_equal(got.drop(columns=flat), want.drop(columns=flat), check_dtype=False)
-        assert got[S.CHOSEN].map(list).tolist() == want[S.CHOSEN].tolist()
+        for c in flat:  # the prompt from the prompt row; chosen and rejected from the candidates
+            assert got[c].map(list).tolist() == want[c].tolist()
     assert holdout_cutoff(per_prompt, 0.0) == -1  # no validation: every pair trains
     assert len(explode(per_prompt, -1, held=False).to_pandas()) == stats["pairs"]
 
@@ -72,10 +95,19 @@ def test_same_filters_pairs_stats_and_split_as_in_memory(ray_local):
 
 
 def test_no_pairable_prompt_is_reported(ray_local):
-    rows = [{S.PROMPT_ID: "p", S.CANDIDATE: k, S.RESPONSE: "same words here", S.SOURCE: "s",
+    rows = [{S.PROMPT_ID: "p", S.CANDIDATE: k, S.RESPONSE: "same words here", S.SOURCE: "s", S.REFERENCE: "",
              S.PROMPT: [{"role": "user", "content": "s"}]} for k in range(3)]
-    marked = mark_filters(ray_local.data.from_items(rows), FILTERS, num_blocks=1).materialize()
-    assert filter_totals(marked) == ({"duplicate": 2}, False)
+    marked = mark_filters(with_prompts(ray_local.data.from_items(rows)), FILTERS, num_blocks=1).materialize()
+    assert filter_totals(marked) == ({"duplicate": 2}, False, 3)
+
+
+def test_a_candidate_without_its_prompt_row_is_counted_not_judged(ray_local):
+    cands = [{S.PROMPT_ID: p, S.CANDIDATE: k, S.RESPONSE: f"answer {k} of {p} here"} for p in "ab" for k in range(2)]
+    prompts = [{S.PROMPT_ID: "a", S.SOURCE: "s", S.REFERENCE: "", S.PROMPT: [{"role": "user", "content": "s"}]}]
+    marked = mark_filters(with_prompts(ray_local.data.from_items(cands), ray_local.data.from_items(prompts)),
+                          FILTERS, num_blocks=2).materialize()
+    assert filter_totals(marked) == ({NO_PROMPT: 2}, True, 4)
+    assert sorted(to_judge(marked).to_pandas()[S.PROMPT_ID]) == ["a", "a"]
 
 
 def test_stage4_keeps_the_prompts_every_model_answered_side_by_side(ray_local):
