@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import schema as S  # noqa: E402
-from common.data import read_prompts, scan_prompts  # noqa: E402
+from common.data import as_prompt_table, read_prompts, scan_prompts  # noqa: E402
 from common.errors import UserError, cli  # noqa: E402
 from common.generation import PROMPT_COLUMNS, engine_asks, generate, tokenize_prompts  # noqa: E402
 from common.config import require_model, resolve  # noqa: E402
@@ -63,8 +63,8 @@ def main() -> None:
     out.begin()
     # A prompt's text and source once, beside its candidates (which carry its id): stage 2 attaches them where a
     # step needs them, so they are not copied into the engine's rows, stage 1's files and stage 2's shuffles n times.
-    tokenized.filter(expr=col(S.SKIP) == "").select_columns([S.PROMPT_ID, *PROMPT_COLUMNS]).write_parquet(
-        str(out.path(PROMPTS_FILE)))
+    (tokenized.filter(expr=col(S.SKIP) == "").select_columns([S.PROMPT_ID, *PROMPT_COLUMNS])
+     .map_batches(as_prompt_table, batch_format="numpy", num_cpus=0.25).write_parquet(str(out.path(PROMPTS_FILE))))
     generate(tokenized, cfg.model, cfg.engine, cfg.sampling, carry=()).write_parquet(str(out.data))
     seconds = time.time() - t0
 

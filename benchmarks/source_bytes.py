@@ -2,10 +2,10 @@
 
     .venv/bin/python benchmarks/source_bytes.py /tmp/judge_scale/c20k/01_generate
 
-Reads a stage-1 output (real or from make_candidates.py) and compares two layouts of the same data:
-  per candidate  stage 1's rows as they are: SOURCE, and PROMPT (whose message repeats the source), on every row;
+Reads a stage-1 output (real or from make_candidates.py, either layout) and compares two layouts of the same data:
+  per candidate  SOURCE, and PROMPT (whose message repeats the source), on every row (stage 1 before prompts.parquet);
   per prompt     candidates without SOURCE and PROMPT, plus a prompts table (PROMPT_ID, PROMPT, SOURCE) of one
-                 row per prompt.
+                 row per prompt (stage 1 since prompts.parquet).
 For each: the Arrow in-memory size (Table.nbytes) and the parquet size (pyarrow's defaults: snappy, dictionary
 encoding where it pays), in total and per candidate. Prints one JSON object.
 """
@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import schema as S  # noqa: E402
+from common.per_prompt import PROMPTS_FILE  # noqa: E402
 
 
 def parquet_bytes(table, folder: Path, name: str) -> int:
@@ -34,6 +35,11 @@ def main() -> None:
         sys.exit("usage: source_bytes.py <stage-1 output folder>")
     folder = Path(sys.argv[1])
     table = pq.read_table(folder / "data" if (folder / "data").is_dir() else folder)
+    if S.SOURCE not in table.column_names:  # stage 1's layout since prompts.parquet: put the prompts back on each row
+        prompts = pq.read_table(folder / PROMPTS_FILE, columns=[S.PROMPT_ID, S.PROMPT, S.SOURCE])
+        at = pc.index_in(table.column(S.PROMPT_ID), prompts.column(S.PROMPT_ID))
+        for name in (S.PROMPT, S.SOURCE):
+            table = table.append_column(name, prompts.column(name).take(at))
     n = table.num_rows
     prompts = table.select([S.PROMPT_ID, S.PROMPT, S.SOURCE]).filter(
         table.column(S.CANDIDATE).to_numpy() == table.column(S.CANDIDATE).to_numpy().min())

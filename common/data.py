@@ -25,6 +25,15 @@ PROMPT_SCHEMA = pa.schema([(S.PROMPT_ID, pa.string()), (S.PROMPT, MESSAGES), (S.
                            (S.REFERENCE, pa.string())])
 
 
+def as_prompt_table(batch: dict[str, np.ndarray]) -> pa.Table:
+    """A numpy batch of prompt rows as PROMPT_SCHEMA. After a numpy-format map (stage 1's tokenizer) Ray holds PROMPT
+    as Python objects, which it would write pickled: readers refuse those files, rightly."""
+    messages = [[{"role": str(m["role"]), "content": str(m["content"])} for m in ms] for ms in batch[S.PROMPT]]
+    return pa.Table.from_arrays([pa.array(batch[S.PROMPT_ID].tolist(), pa.string()), pa.array(messages, MESSAGES),
+                                 pa.array(batch[S.SOURCE].tolist(), pa.string()),
+                                 pa.array(batch[S.REFERENCE].tolist(), pa.string())], schema=PROMPT_SCHEMA)
+
+
 def read_table(path: Path, where: str) -> pd.DataFrame:
     """A whole file as one table, as pandas reads it (the tests' yardstick for the batched checks)."""
     if path.is_dir():

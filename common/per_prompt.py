@@ -37,16 +37,9 @@ from common.filters import filter_reasons
 from common.judges.base import num_words
 from common.judges import parse_details
 from common.generation import PROMPT_COLUMNS
+from common.groups import TASK_CPUS, by_prompt, padded, with_rows_of
 from common.pairing import (LENGTH, PAIR_SCHEMA, QUALITY, SKIPS, holdout_count, holdout_rank, pair_stats, pairable,
                             pairs_for_prompt, prompt_totals, trl_row)
-
-TASK_CPUS = 0.25  # every task here is light: a fraction leaves room beside the judge's actors on 2 cores
-
-
-def by_prompt(ds, fn, num_blocks: int, **kwargs):
-    return ds.groupby(S.PROMPT_ID, num_partitions=num_blocks).map_groups(
-        fn, fn_kwargs=kwargs, batch_format="pyarrow", num_cpus=TASK_CPUS)
-
 
 # ---------------------------------------------------------------- a prompt's own columns
 PROMPT_ROW = -1  # the CANDIDATE of a prompt's row among its candidates (sorts first)
@@ -67,24 +60,6 @@ def stage1_prompts(manifest: dict) -> Path | None:
     return path
 
 
-def _schema(ds) -> pa.Schema:
-    return ds.schema().base_schema  # Arrow blocks: every step of stage 2 makes them
-
-
-def _padded(batch: pa.Table, schema: pa.Schema) -> pa.Table:
-    """`batch` with `schema`'s columns, in its order; the ones it lacks are nulls (rows of a union have one schema)."""
-    have = set(batch.column_names)
-    return pa.Table.from_arrays([batch.column(f.name).cast(f.type) if f.name in have
-                                 else pa.nulls(batch.num_rows, f.type) for f in schema], schema=schema)
-
-
-def _meet(candidates, prompts):
-    """One dataset of candidate rows and prompt rows, both padded to the union of their columns."""
-    schema = pa.unify_schemas([_schema(candidates), _schema(prompts)], promote_options="permissive")
-    pad = dict(batch_format="pyarrow", num_cpus=TASK_CPUS, fn_kwargs={"schema": schema})
-    return candidates.map_batches(_padded, **pad).union(prompts.map_batches(_padded, **pad))
-
-
 def _as_prompt_rows(batch: pa.Table) -> pa.Table:
     return batch.append_column(S.CANDIDATE, pa.array([PROMPT_ROW] * batch.num_rows, pa.int64()))
 
@@ -98,7 +73,7 @@ def _split_inline(batch: pa.Table) -> pa.Table:
     prompts = _as_prompt_rows(batch.select([S.PROMPT_ID, *PROMPT_COLUMNS]).take(pa.array(list(first.values()))))
     slim = batch.drop_columns(list(PROMPT_COLUMNS))
     schema = pa.unify_schemas([slim.schema, prompts.schema], promote_options="permissive")
-    return pa.concat_tables([_padded(slim, schema), _padded(prompts, schema)])
+    return pa.concat_tables([padded(slim, schema), padded(prompts, schema)])
 
 
 def with_prompts(candidates, prompts=None):
@@ -107,7 +82,7 @@ def with_prompts(candidates, prompts=None):
     candidates carry their prompt's columns (then each batch gives the prompt rows of the prompts it holds)."""
     if prompts is None:
         return candidates.map_batches(_split_inline, batch_format="pyarrow", num_cpus=TASK_CPUS)
-    return _meet(candidates, prompts.map_batches(_as_prompt_rows, batch_format="pyarrow", num_cpus=TASK_CPUS))
+    return with_rows_of(candidates, prompts.map_batches(_as_prompt_rows, batch_format="pyarrow", num_cpus=TASK_CPUS))
 
 
 def prompt_rows(marked):
@@ -188,7 +163,7 @@ def pair_prompts(scored, prompts, cfg: PairingConfig, seed: int, num_blocks: int
     """One row per judged prompt: its pairs (JSON of TRL rows, with the PROMPT and SOURCE of its row in `prompts`),
     their counts by rule, the pairing rule's skips and the prompt's rank for the validation holdout (-1 without
     pairs)."""
-    return by_prompt(_meet(scored, prompts), _pair, num_blocks, cfg=cfg, seed=seed)
+    return by_prompt(with_rows_of(scored, prompts), _pair, num_blocks, cfg=cfg, seed=seed)
 
 
 def pair_totals(per_prompt) -> dict:

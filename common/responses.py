@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from common import schema as S
-from common.per_prompt import TASK_CPUS, by_prompt
+from common.groups import TASK_CPUS, by_prompt
 from common.report import REFERENCE_SYSTEM  # the human references, judged as one more "model"
 
 RESPONSE_SCHEMA = pa.schema([(S.PROMPT_ID, pa.string()), (S.SOURCE, pa.string()), (S.REFERENCE, pa.string()),

@@ -1,8 +1,9 @@
 """Stage 2's driver does not hold the candidates (issue 20): its peak RSS stays below a bound the data would break.
 
 Stage 2 runs as a user runs it (its own process and local Ray, as conftest.run_stage), on synthetic stage-1 output
-from benchmarks/make_candidates.py: 4000 candidates whose sources are ~60 kB each (the prompt repeats the source, so
-~120 kB a row, ~480 MB of Arrow in all), with the `length` judge (no model). benchmarks/driver_runner.py runs the
+from benchmarks/make_candidates.py: 4000 candidates whose sources are ~60 kB each, in stage 1's older layout that
+carries the prompt on every candidate (the prompt repeats the source, so ~120 kB a row, ~480 MB of Arrow in all: the
+heaviest input stage 2 still reads), with the `length` judge (no model). benchmarks/driver_runner.py runs the
 stage in-process and reports the driver's own peak RSS (VmHWM): Ray's workers, raylet and GCS are not counted.
 
 The bound is the driver's start-up cost plus one copy of the candidates in Arrow (459 MiB here): a driver that never

@@ -365,13 +365,14 @@ def _candidates(n_papers=1):
     return rows
 
 
-def _judged(ray, cfg: JudgeConfig):
-    """(judge, output rows, parsed details) of `cfg`'s judge on one paper's three candidates, with the checks every
-    LLM judge run must pass: one row out per row in, and every NaN counted under exactly one reason."""
+def _judged(ray, cfg: JudgeConfig, rows=None):
+    """(judge, output rows, parsed details) of `cfg`'s judge on one paper's three candidates (or `rows`), with the
+    checks every LLM judge run must pass: one row out per row in, and every NaN counted under exactly one reason."""
     judge = build_judge(cfg)
-    rows = _candidates()
+    rows = rows or _candidates()
     out = judge.score(ray.data.from_items(rows, override_num_blocks=1)).take_all()
-    assert sorted(r[S.CANDIDATE] for r in out) == [r[S.CANDIDATE] for r in rows]
+    assert sorted((r[S.PROMPT_ID], r[S.CANDIDATE]) for r in out) == sorted((r[S.PROMPT_ID], r[S.CANDIDATE])
+                                                                          for r in rows)
     details = parse_details([r[S.JUDGE_DETAIL] for r in out])
     assert sum(error_counts(details).values()) == sum(math.isnan(r[S.SCORE]) for r in out), details
     return judge, out, details
@@ -400,6 +401,23 @@ def test_rubric_judge_real_run_with_structured_outputs(ray_local, model_path):
     for r, d in zip(out, details):
         assert 1 <= r[S.SCORE] <= 10 and d == {"rating": r[S.SCORE]}, d
     assert judge.summary(details)["mean_rating"] == pytest.approx(sum(r[S.SCORE] for r in out) / len(out), abs=1e-3)
+
+
+@pytest.mark.slow
+def test_rubric_judge_pairwise_real_run(ray_local, model_path):
+    """Pairwise, on Ray Data: both orders of each of a paper's 3 responses' pairs are asked (6 verdicts, 3 pairs);
+    a share in [0, 1] per response, or NaN counted; a prompt whose responses are all one text is not asked about."""
+    rows = _candidates() + [{**r, S.PROMPT_ID: "same", S.RESPONSE: "one text"} for r in _candidates()[:2]]
+    cfg = JudgeConfig(type="rubric", llm=_llm(model_path, max_tokens=16), rubric=RubricConfig(pairwise=True))
+    judge, out, details = _judged(ray_local, cfg, rows)
+    stats = judge.summary(details)
+    assert stats["comparisons"] == 3 == stats["consistent"] + stats["inconsistent"] + stats["unparseable"], stats
+    for r, d in zip(out, details):
+        if r[S.PROMPT_ID] == "same":
+            assert math.isnan(r[S.SCORE]) and d == {"error": "no_other_response"}
+        else:
+            assert math.isnan(r[S.SCORE]) or 0 <= r[S.SCORE] <= 1, (r[S.SCORE], d)
+            assert S.SOURCE in r and r[S.SOURCE] == rows[0][S.SOURCE]  # input columns come back intact
 
 
 @pytest.mark.slow

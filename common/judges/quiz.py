@@ -15,12 +15,13 @@ import json
 import math
 from typing import Annotated, Any, Literal
 
-import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from common import schema as S
 from common.config import LLMJudgeConfig, QuizConfig
-from common.data import num_blocks
+from common.groups import TASK_CPUS, by_prompt, with_rows_of
 from common.judges.llm import RAW, SKIPPED, ask, letters, llm_asks, parse_reply, read_choice, score_replies
 from common.ray_setup import Ask
 
@@ -159,6 +160,34 @@ def _grade(raw: str, questions_json: str) -> tuple[float, dict[str, Any]]:
     return grade(parse_answers(raw, questions), questions)
 
 
+def _first_per_prompt(batch: pa.Table) -> pa.Table:
+    first: dict[str, int] = {}
+    for i, pid in enumerate(batch.column(S.PROMPT_ID).to_pylist()):
+        first.setdefault(pid, i)
+    return batch.take(pa.array(list(first.values()), pa.int64()))
+
+
+def _read_questions(batch: pa.Table, k: int, num_options: int) -> pa.Table:
+    """The judge's replies about each source -> (PROMPT_ID, SOURCE, QUESTIONS): the parsed questions, "" if none."""
+    qs = [None if skipped else parse_questions(raw, k, num_options)
+          for raw, skipped in zip(batch.column(RAW).to_pylist(), batch.column(SKIPPED).to_pylist())]
+    return batch.select([S.PROMPT_ID, S.SOURCE]).append_column(
+        QUESTIONS, pa.array([json.dumps(q) if q else "" for q in qs], pa.string()))
+
+
+def _with_questions(group: pa.Table) -> pa.Table:
+    """One prompt's responses and its questions row (the one with QUESTIONS set) -> the responses, each with the
+    row's QUESTIONS and SOURCE (every prompt has that row: ask returns a row for each it was given)."""
+    is_questions = pc.is_valid(group.column(QUESTIONS))
+    own = group.filter(is_questions).slice(0, 1)
+    rows = group.filter(pc.invert(is_questions))
+    for name in (QUESTIONS, S.SOURCE):
+        value = own.column(name)[0].as_py() if own.num_rows else ""
+        rows = rows.set_column(rows.column_names.index(name), name,
+                               pa.array([value] * rows.num_rows, rows.schema.field(name).type))
+    return rows
+
+
 class QuizJudge:
     def __init__(self, llm: LLMJudgeConfig, quiz: QuizConfig):
         self.llm, self.quiz = llm, quiz
@@ -168,30 +197,26 @@ class QuizJudge:
         return llm_asks(self.llm)
 
     def score(self, ds):
-        """Pass 1 (questions) runs now; pass 2 (answers) is returned lazy. `ds` is materialised: read twice."""
-        import ray
+        """Pass 1 (questions, one per source) runs now; pass 2 (answers) is returned lazy. Both on Ray Data: a
+        source is asked about once, and its questions join the prompt's responses in a groupby (common.groups)."""
+        from ray.data.expressions import col
 
-        quiz = self.quiz
-        ds = ds.materialize()
-        sources: dict[str, str] = {}
-        for r in ds.select_columns([S.PROMPT_ID, S.SOURCE]).iter_rows():
-            sources.setdefault(r[S.PROMPT_ID], r[S.SOURCE])
-        items = [{S.PROMPT_ID: p, S.SOURCE: s} for p, s in sources.items()]
-        blocks = num_blocks(len(items), self.llm.engine.concurrency)
-        written = ask(ray.data.from_items(items, override_num_blocks=blocks), self.llm,
-                      build=lambda row: question_messages(row[S.SOURCE], quiz),
-                      reply=questions_model(quiz.num_questions, quiz.num_options),
-                      max_tokens=self.llm.max_tokens).take_all()
-        questions = {}
-        for r in written:
-            qs = None if r[SKIPPED] else parse_questions(r[RAW], quiz.num_questions, quiz.num_options)
-            questions[r[S.PROMPT_ID]] = json.dumps(qs) if qs else ""
-        self.question_stats = {"sources": len(items), "sources_questions_unparseable":
-                               sum(1 for v in questions.values() if not v)}
-
-        def attach(batch):
-            batch[QUESTIONS] = np.asarray([questions.get(p, "") for p in batch[S.PROMPT_ID]], dtype=object)
-            return batch
+        quiz, rows = self.quiz, dict(batch_format="pyarrow", num_cpus=TASK_CPUS)
+        ds = ds.materialize()  # read twice: for the sources, then to answer
+        blocks = max(1, ds.num_blocks())
+        # One row per source: first per block (a prompt's rows mostly share one), then per prompt. Materialised
+        # before the engine starts, and again after it: no vLLM actor holds a CPU while a groupby runs.
+        sources = by_prompt(ds.select_columns([S.PROMPT_ID, S.SOURCE]).map_batches(_first_per_prompt, **rows),
+                            _first_per_prompt, blocks).materialize()
+        written = ask(sources, self.llm, build=lambda row: question_messages(row[S.SOURCE], quiz),
+                      reply=questions_model(quiz.num_questions, quiz.num_options), max_tokens=self.llm.max_tokens)
+        questions = written.map_batches(_read_questions, fn_args=(quiz.num_questions, quiz.num_options),
+                                        **rows).materialize()
+        self.question_stats = {"sources": questions.count(),
+                               "sources_questions_unparseable": questions.filter(expr=col(QUESTIONS) == "").count()}
+        # The responses go in without their source and get it back, with the questions, from the prompt's row.
+        asked = by_prompt(with_rows_of(ds.drop_columns([S.SOURCE]), questions), _with_questions,
+                          blocks).materialize()
 
         def build(row):
             if not row[QUESTIONS]:
@@ -199,10 +224,9 @@ class QuizJudge:
             return answer_messages(row[S.RESPONSE], json.loads(row[QUESTIONS]), quiz)
 
         # ~8 tokens per answer is plenty for {"answers": ["A", "unsure", ...]}.
-        answered = ask(ds.map_batches(attach, num_cpus=0.25), self.llm, build=build,
-                       reply=answers_model(quiz.num_questions, quiz.num_options),
+        answered = ask(asked, self.llm, build=build, reply=answers_model(quiz.num_questions, quiz.num_options),
                        max_tokens=min(self.llm.max_tokens, 16 + 8 * quiz.num_questions))
-        return answered.map_batches(score_replies, fn_args=(_grade, QUESTIONS), num_cpus=0.25)
+        return answered.map_batches(score_replies, fn_args=(_grade, QUESTIONS), num_cpus=TASK_CPUS)
 
     def summary(self, details: list[dict]) -> dict:
         graded = [d for d in details if "correct" in d]

@@ -14,14 +14,17 @@ from __future__ import annotations
 import functools
 import math
 import re
+import json
 from collections import Counter, defaultdict
 from typing import Any, Literal
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from common import schema as S
 from common.config import LLMJudgeConfig, RubricConfig
-from common.data import num_blocks
+from common.groups import TASK_CPUS, by_prompt, with_rows_of
 from common.judges.base import with_scores
 from common.judges.llm import RAW, SKIPPED, ask, llm_asks, parse_reply, score_replies
 from common.ray_setup import Ask
@@ -138,6 +141,55 @@ def _rate(raw: str, scale_max: int) -> tuple[float, dict[str, Any]]:
         (score, {"rating": int(score)})
 
 
+_VERDICT, _SHARES = "_rubric_verdict", "_rubric_shares"
+_KINDS = ("comparisons", "inconsistent", "unparseable")  # counted per prompt, summed for the manifest
+_ITEMS = pa.schema([(S.PROMPT_ID, pa.string()), (S.SOURCE, pa.string()), (_A, pa.string()), (_B, pa.string())])
+
+
+def _comparisons(group: pa.Table) -> pa.Table:
+    """One prompt's responses -> a row per ordered pair of its distinct texts (both orders of each), with the source."""
+    texts = list(dict.fromkeys(group.column(S.RESPONSE).to_pylist()))
+    pairs = [(a, b) for a in texts for b in texts if a != b]
+    n = len(pairs)
+    return pa.Table.from_arrays([pa.array([group.column(S.PROMPT_ID)[0].as_py()] * n, pa.string()),
+                                 pa.array([group.column(S.SOURCE)[0].as_py()] * n, pa.string()),
+                                 pa.array([a for a, _ in pairs], pa.string()),
+                                 pa.array([b for _, b in pairs], pa.string())], schema=_ITEMS)
+
+
+def _read_verdicts(batch: pa.Table) -> pa.Table:
+    verdicts = [None if skipped else parse_verdict(raw)
+                for raw, skipped in zip(batch.column(RAW).to_pylist(), batch.column(SKIPPED).to_pylist())]
+    return batch.select([S.PROMPT_ID, _A, _B]).append_column(_VERDICT, pa.array(verdicts, pa.string()))
+
+
+def _shares(group: pa.Table) -> pa.Table:
+    """One prompt's verdicts (both orders of each pair) -> one row: each response's win share (JSON) and counts."""
+    verdict = {(a, b): v for a, b, v in zip(*(group.column(c).to_pylist() for c in (_A, _B, _VERDICT)))}
+    texts = list(dict.fromkeys(group.column(_A).to_pylist()))
+    outcomes = [(x, y, combine_orders(verdict.get((x, y)), verdict.get((y, x))))
+                for i, x in enumerate(texts) for y in texts[i + 1:]]
+    kinds = Counter(o for _, _, o in outcomes)
+    return pa.table({S.PROMPT_ID: [group.column(S.PROMPT_ID)[0].as_py()],
+                     _SHARES: [json.dumps(win_shares(outcomes))], "comparisons": [sum(kinds.values())],
+                     "inconsistent": [kinds["inconsistent"]], "unparseable": [kinds["unparseable"]]})
+
+
+def _with_shares(group: pa.Table) -> pa.Table:
+    """One prompt's responses and its row of win shares (none when it had one distinct response; no such column when
+    no prompt had two) -> the responses, scored (common.judges.base.with_scores)."""
+    shares, rows = {}, group
+    if _SHARES in group.column_names:
+        is_shares = pc.is_valid(group.column(_SHARES))
+        own = group.filter(is_shares).column(_SHARES).to_pylist()
+        shares = json.loads(own[0]) if own else {}
+        rows = group.filter(pc.invert(is_shares)).drop_columns([_SHARES, *_KINDS])
+    got = [shares.get(r) for r in rows.column(S.RESPONSE).to_pylist()]
+    details = [dict(g) if g else {"error": "no_other_response"} for g in got]
+    scores = [d.pop("score", math.nan) for d in details]
+    return with_scores(rows, scores, details)
+
+
 class RubricJudge:
     def __init__(self, llm: LLMJudgeConfig, rubric: RubricConfig):
         self.llm, self.rubric = llm, rubric
@@ -161,56 +213,35 @@ class RubricJudge:
         return rated.map_batches(score_replies, fn_args=(read,), num_cpus=0.25)
 
     def _pairwise(self, ds):
-        """The comparisons run now (they need every response of a prompt at once); the returned Dataset is lazy."""
-        import ray
+        """The comparisons run now (they need every response of a prompt at once); the returned Dataset is lazy.
+        On Ray Data: a prompt's responses meet in a groupby, and so do its verdicts and then its win shares and
+        responses (common.groups); the driver holds the counts."""
+        from ray.data.aggregate import Sum
 
-        rubric = self.rubric
-        ds = ds.materialize()  # read twice: to list the responses, then to attach their scores
-        by_prompt: dict[str, dict[str, str]] = defaultdict(dict)
-        sources: dict[str, str] = {}
-        for r in ds.select_columns([S.PROMPT_ID, S.SOURCE, S.RESPONSE]).iter_rows():
-            by_prompt[r[S.PROMPT_ID]][r[S.RESPONSE]] = r[S.SOURCE]
-            sources.setdefault(r[S.PROMPT_ID], r[S.SOURCE])
-        items = []
-        for pid, responses in by_prompt.items():
-            texts = list(responses)
-            for i in range(len(texts)):
-                for j in range(len(texts)):
-                    if i != j:  # both orders of every distinct pair
-                        items.append({S.PROMPT_ID: pid, S.SOURCE: sources[pid], _A: texts[i], _B: texts[j]})
+        rubric, rows = self.rubric, dict(batch_format="pyarrow", num_cpus=TASK_CPUS)
+        ds = ds.materialize()  # read twice: to list the comparisons, then to attach their scores
+        blocks = max(1, ds.num_blocks())
+        # Materialised before the engine starts and after it: no vLLM actor holds a CPU while a groupby runs.
+        items = by_prompt(ds.select_columns([S.PROMPT_ID, S.SOURCE, S.RESPONSE]), _comparisons, blocks).materialize()
 
         def build(row):
             text = rubric.pairwise_prompt.format(source=row[S.SOURCE], a=row[_A], b=row[_B])
             return [{"role": "user", "content": text + VERDICT_FORMAT}]
 
-        verdicts: dict[tuple[str, str, str], str | None] = {}
-        if items:
-            blocks = num_blocks(len(items), self.llm.engine.concurrency)
-            for r in ask(ray.data.from_items(items, override_num_blocks=blocks), self.llm, build=build,
-                         reply=Verdict, max_tokens=min(self.llm.max_tokens, 16)).take_all():
-                verdicts[(r[S.PROMPT_ID], r[_A], r[_B])] = None if r[SKIPPED] else parse_verdict(r[RAW])
-        shares: dict[str, dict[str, dict]] = {}
-        kinds: Counter = Counter()
-        for pid, responses in by_prompt.items():
-            texts = list(responses)
-            outcomes = [(x, y, combine_orders(verdicts[(pid, x, y)], verdicts[(pid, y, x)]))
-                        for i, x in enumerate(texts) for y in texts[i + 1:]]
-            kinds.update(o for _, _, o in outcomes)
-            shares[pid] = win_shares(outcomes)
-        readable = sum(kinds.values()) - kinds["unparseable"]
-        self.pair_stats = {"comparisons": sum(kinds.values()), "consistent": readable - kinds["inconsistent"],
+        shares = None
+        if items.count():  # else no prompt has two different responses: nothing to ask
+            verdicts = (ask(items, self.llm, build=build, reply=Verdict, max_tokens=min(self.llm.max_tokens, 16))
+                        .map_batches(_read_verdicts, **rows).materialize())
+            shares = by_prompt(verdicts, _shares, blocks).materialize()
+        total = shares.aggregate(*(Sum(k) for k in _KINDS)) if shares is not None else {}
+        kinds = {k: int(total.get(f"sum({k})") or 0) for k in _KINDS}
+        readable = kinds["comparisons"] - kinds["unparseable"]
+        self.pair_stats = {"comparisons": kinds["comparisons"], "consistent": readable - kinds["inconsistent"],
                            "inconsistent": kinds["inconsistent"], "unparseable": kinds["unparseable"],
                            "disagreement_rate": round(kinds["inconsistent"] / readable, 3) if readable else None}
-
-        def attach(batch):
-            got = [shares.get(p, {}).get(r) for p, r in zip(batch[S.PROMPT_ID], batch[S.RESPONSE])]
-            scores = [g["score"] if g else math.nan for g in got]
-            details = [dict(g) if g else {"error": "no_other_response"} for g in got]
-            for d in details:
-                d.pop("score", None)
-            return with_scores(batch, scores, details)
-
-        return ds.map_batches(attach, num_cpus=0.25)
+        if shares is None:
+            return ds.map_batches(_with_shares, **rows)
+        return by_prompt(with_rows_of(ds, shares), _with_shares, blocks)
 
     def summary(self, details: list[dict]) -> dict:
         if self.rubric.pairwise:

@@ -1,0 +1,41 @@
+"""A prompt's rows together, on Ray Data: the one grouping primitive of stages 2 and 4 and of the LLM judges.
+
+    by_prompt(ds, fn, num_blocks)        # fn(one prompt's rows as a pyarrow Table) -> rows, in Ray's tasks
+    with_rows_of(ds, other)              # ds's rows and other's in one dataset (the columns of both), to group
+
+Per-prompt work (duplicates, pairs, head-to-head matches, a judge's per-source questions) runs in
+`groupby(PROMPT_ID).map_groups(...)`, so no step collects the dataset. Something a prompt has once (its source, the
+questions written from it) joins its n rows by going into the same groupby as one more row, so it crosses the
+shuffle once, not n times. Callers run a groupby while no actor holds a CPU (they materialise around actor stages):
+a shuffle's reduce tasks want a CPU each; on 2 cores that would deadlock, on a cluster the GPUs never wait on it.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+from common import schema as S
+
+TASK_CPUS = 0.25  # every task here is light: a fraction leaves room beside the actors on 2 cores
+
+
+def by_prompt(ds, fn, num_blocks: int, **kwargs):
+    return ds.groupby(S.PROMPT_ID, num_partitions=num_blocks).map_groups(
+        fn, fn_kwargs=kwargs, batch_format="pyarrow", num_cpus=TASK_CPUS)
+
+
+def padded(batch: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`batch` with `schema`'s columns, in its order; the ones it lacks are nulls (rows of a union have one schema)."""
+    have = set(batch.column_names)
+    return pa.Table.from_arrays([batch.column(f.name).cast(f.type) if f.name in have
+                                 else pa.nulls(batch.num_rows, f.type) for f in schema], schema=schema)
+
+
+def _schema(ds) -> pa.Schema:
+    return ds.schema().base_schema  # Arrow blocks: every step that calls this makes them
+
+
+def with_rows_of(ds, other):
+    """One dataset of `ds`'s rows and `other`'s, both padded to the union of their columns (for by_prompt)."""
+    schema = pa.unify_schemas([_schema(ds), _schema(other)], promote_options="permissive")
+    pad = dict(batch_format="pyarrow", num_cpus=TASK_CPUS, fn_kwargs={"schema": schema})
+    return ds.map_batches(padded, **pad).union(other.map_batches(padded, **pad))
