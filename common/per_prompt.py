@@ -34,19 +34,17 @@ from common import schema as S
 from common.config import FilterConfig, PairingConfig
 from common.errors import UserError
 from common.filters import filter_reasons
-from common.judges.base import num_words
-from common.judges import parse_details
 from common.generation import PROMPT_COLUMNS
 from common.groups import TASK_CPUS, by_prompt, padded, with_rows_of
+from common.judges import parse_details
+from common.judges.base import num_words
 from common.pairing import (LENGTH, PAIR_SCHEMA, QUALITY, SKIPS, holdout_count, holdout_rank, pair_stats, pairable,
                             pairs_for_prompt, prompt_totals, trl_row)
 
 # ---------------------------------------------------------------- a prompt's own columns
+PROMPTS_FILE = "prompts.parquet"  # in stage 1's output, beside data/
 PROMPT_ROW = -1  # the CANDIDATE of a prompt's row among its candidates (sorts first)
 NO_PROMPT = "no_prompt"  # FILTER_REASON of a candidate whose prompt row is missing: it has no source to judge by
-
-
-PROMPTS_FILE = "prompts.parquet"  # in stage 1's output, beside data/
 
 
 def stage1_prompts(manifest: dict) -> Path | None:
@@ -82,7 +80,8 @@ def with_prompts(candidates, prompts=None):
     candidates carry their prompt's columns (then each batch gives the prompt rows of the prompts it holds)."""
     if prompts is None:
         return candidates.map_batches(_split_inline, batch_format="pyarrow", num_cpus=TASK_CPUS)
-    return with_rows_of(candidates, prompts.map_batches(_as_prompt_rows, batch_format="pyarrow", num_cpus=TASK_CPUS))
+    return with_rows_of(candidates,
+                        prompts.map_batches(_as_prompt_rows, batch_format="pyarrow", num_cpus=TASK_CPUS))
 
 
 def prompt_rows(marked):

@@ -201,17 +201,17 @@ class QuizJudge:
         source is asked about once, and its questions join the prompt's responses in a groupby (common.groups)."""
         from ray.data.expressions import col
 
-        quiz, rows = self.quiz, dict(batch_format="pyarrow", num_cpus=TASK_CPUS)
+        quiz, tasks = self.quiz, dict(batch_format="pyarrow", num_cpus=TASK_CPUS)
         ds = ds.materialize()  # read twice: for the sources, then to answer
         blocks = max(1, ds.num_blocks())
         # One row per source: first per block (a prompt's rows mostly share one), then per prompt. Materialised
         # before the engine starts, and again after it: no vLLM actor holds a CPU while a groupby runs.
-        sources = by_prompt(ds.select_columns([S.PROMPT_ID, S.SOURCE]).map_batches(_first_per_prompt, **rows),
+        sources = by_prompt(ds.select_columns([S.PROMPT_ID, S.SOURCE]).map_batches(_first_per_prompt, **tasks),
                             _first_per_prompt, blocks).materialize()
         written = ask(sources, self.llm, build=lambda row: question_messages(row[S.SOURCE], quiz),
                       reply=questions_model(quiz.num_questions, quiz.num_options), max_tokens=self.llm.max_tokens)
         questions = written.map_batches(_read_questions, fn_args=(quiz.num_questions, quiz.num_options),
-                                        **rows).materialize()
+                                        **tasks).materialize()
         self.question_stats = {"sources": questions.count(),
                                "sources_questions_unparseable": questions.filter(expr=col(QUESTIONS) == "").count()}
         # The responses go in without their source and get it back, with the questions, from the prompt's row.

@@ -12,9 +12,9 @@ scale. n responses per prompt cost n x (n - 1) judge calls.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import re
-import json
 from collections import Counter, defaultdict
 from typing import Any, Literal
 
@@ -218,7 +218,7 @@ class RubricJudge:
         responses (common.groups); the driver holds the counts."""
         from ray.data.aggregate import Sum
 
-        rubric, rows = self.rubric, dict(batch_format="pyarrow", num_cpus=TASK_CPUS)
+        rubric, tasks = self.rubric, dict(batch_format="pyarrow", num_cpus=TASK_CPUS)
         ds = ds.materialize()  # read twice: to list the comparisons, then to attach their scores
         blocks = max(1, ds.num_blocks())
         # Materialised before the engine starts and after it: no vLLM actor holds a CPU while a groupby runs.
@@ -231,7 +231,7 @@ class RubricJudge:
         shares = None
         if items.count():  # else no prompt has two different responses: nothing to ask
             verdicts = (ask(items, self.llm, build=build, reply=Verdict, max_tokens=min(self.llm.max_tokens, 16))
-                        .map_batches(_read_verdicts, **rows).materialize())
+                        .map_batches(_read_verdicts, **tasks).materialize())
             shares = by_prompt(verdicts, _shares, blocks).materialize()
         total = shares.aggregate(*(Sum(k) for k in _KINDS)) if shares is not None else {}
         kinds = {k: int(total.get(f"sum({k})") or 0) for k in _KINDS}
@@ -240,7 +240,7 @@ class RubricJudge:
                            "inconsistent": kinds["inconsistent"], "unparseable": kinds["unparseable"],
                            "disagreement_rate": round(kinds["inconsistent"] / readable, 3) if readable else None}
         if shares is None:
-            return ds.map_batches(_with_shares, **rows)
+            return ds.map_batches(_with_shares, **tasks)
         return by_prompt(with_rows_of(ds, shares), _with_shares, blocks)
 
     def summary(self, details: list[dict]) -> dict:
