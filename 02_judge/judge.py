@@ -85,7 +85,7 @@ def main() -> None:
     scores = column(scored, S.SCORE)
     unparseable = int(np.isnan(scores).sum())
 
-    per_prompt = pair_prompts(scored, prompt_rows(marked), cfg.pairing, cfg.seed, blocks).materialize()
+    per_prompt = pair_prompts(scored, prompt_rows(marked, prompts), cfg.pairing, cfg.seed, blocks).materialize()
     pair_stats = pair_totals(per_prompt)
     if not pair_stats["pairs"]:
         raise UserError(f"{args.config}: 0 pairs from {n} candidates ({sum(filtered.values())} filtered "
