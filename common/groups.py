@@ -2,6 +2,7 @@
 
     by_prompt(ds, fn, num_blocks)        # fn(one prompt's rows as a pyarrow Table) -> rows, in Ray's tasks
     with_rows_of(ds, other)              # ds's rows and other's in one dataset (the columns of both), to group
+    first_per_prompt(batch)              # a prompt's first row in a batch (a combiner before a groupby)
 
 Per-prompt work (duplicates, pairs, head-to-head matches, a judge's per-source questions) runs in
 `groupby(PROMPT_ID).map_groups(...)`, so no step collects the dataset. Something a prompt has once (its source, the
@@ -21,6 +22,14 @@ TASK_CPUS = 0.25  # every task here is light: a fraction leaves room beside the 
 def by_prompt(ds, fn, num_blocks: int, **kwargs):
     return ds.groupby(S.PROMPT_ID, num_partitions=num_blocks).map_groups(
         fn, fn_kwargs=kwargs, batch_format="pyarrow", num_cpus=TASK_CPUS)
+
+
+def first_per_prompt(batch: pa.Table) -> pa.Table:
+    """The first row of each prompt in `batch`, in order of first appearance."""
+    first: dict[str, int] = {}
+    for i, pid in enumerate(batch.column(S.PROMPT_ID).to_pylist()):
+        first.setdefault(pid, i)
+    return batch.take(pa.array(list(first.values()), pa.int64()))
 
 
 def padded(batch: pa.Table, schema: pa.Schema) -> pa.Table:

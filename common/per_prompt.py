@@ -35,7 +35,7 @@ from common.config import FilterConfig, PairingConfig
 from common.errors import UserError
 from common.filters import filter_reasons
 from common.generation import PROMPT_COLUMNS
-from common.groups import TASK_CPUS, by_prompt, padded, with_rows_of
+from common.groups import TASK_CPUS, by_prompt, first_per_prompt, padded, with_rows_of
 from common.judges import parse_details
 from common.judges.base import num_words
 from common.pairing import (LENGTH, PAIR_SCHEMA, QUALITY, SKIPS, holdout_count, holdout_rank, pair_stats, pairable,
@@ -60,10 +60,7 @@ def stage1_prompts(manifest: dict) -> Path | None:
 def _split_inline(batch: pa.Table) -> pa.Table:
     """A batch of candidates that carry their prompt's columns -> the candidates without them, and a prompt row for
     each prompt in the batch (the groupby keeps one)."""
-    first: dict[str, int] = {}
-    for i, pid in enumerate(batch.column(S.PROMPT_ID).to_pylist()):
-        first.setdefault(pid, i)
-    prompts = batch.select([S.PROMPT_ID, *PROMPT_COLUMNS]).take(pa.array(list(first.values())))
+    prompts = first_per_prompt(batch.select([S.PROMPT_ID, *PROMPT_COLUMNS]))
     slim = batch.drop_columns(list(PROMPT_COLUMNS))
     schema = pa.unify_schemas([slim.schema, prompts.schema], promote_options="permissive")
     return pa.concat_tables([padded(slim, schema), padded(prompts, schema)])

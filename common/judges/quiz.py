@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from common import schema as S
 from common.config import LLMJudgeConfig, QuizConfig
-from common.groups import TASK_CPUS, by_prompt, with_rows_of
+from common.groups import TASK_CPUS, by_prompt, first_per_prompt, with_rows_of
 from common.judges.llm import RAW, SKIPPED, ask, letters, llm_asks, parse_reply, read_choice, score_replies
 from common.ray_setup import Ask
 
@@ -160,13 +160,6 @@ def _grade(raw: str, questions_json: str) -> tuple[float, dict[str, Any]]:
     return grade(parse_answers(raw, questions), questions)
 
 
-def _first_per_prompt(batch: pa.Table) -> pa.Table:
-    first: dict[str, int] = {}
-    for i, pid in enumerate(batch.column(S.PROMPT_ID).to_pylist()):
-        first.setdefault(pid, i)
-    return batch.take(pa.array(list(first.values()), pa.int64()))
-
-
 def _read_questions(batch: pa.Table, k: int, num_options: int) -> pa.Table:
     """The judge's replies about each source -> (PROMPT_ID, SOURCE, QUESTIONS): the parsed questions, "" if none."""
     qs = [None if skipped else parse_questions(raw, k, num_options)
@@ -206,8 +199,8 @@ class QuizJudge:
         blocks = max(1, ds.num_blocks())
         # One row per source: first per block (a prompt's rows mostly share one), then per prompt. Materialised
         # before the engine starts, and again after it: no vLLM actor holds a CPU while a groupby runs.
-        sources = by_prompt(ds.select_columns([S.PROMPT_ID, S.SOURCE]).map_batches(_first_per_prompt, **tasks),
-                            _first_per_prompt, blocks).materialize()
+        sources = by_prompt(ds.select_columns([S.PROMPT_ID, S.SOURCE]).map_batches(first_per_prompt, **tasks),
+                            first_per_prompt, blocks).materialize()
         written = ask(sources, self.llm, build=lambda row: question_messages(row[S.SOURCE], quiz),
                       reply=questions_model(quiz.num_questions, quiz.num_options), max_tokens=self.llm.max_tokens)
         questions = written.map_batches(_read_questions, fn_args=(quiz.num_questions, quiz.num_options),
