@@ -100,7 +100,7 @@ def _mark(group: pa.Table, cfg: FilterConfig) -> pa.Table:
     kept = [t for t, r in zip(cands.column(S.RESPONSE).to_pylist(), reasons) if not r]
     ok = pairable([""] * len(kept), kept)
     # Only the candidates the judge will score get the source; the prompt row keeps every prompt column.
-    source = [r[S.SOURCE] for r in prompt.select([S.SOURCE]).to_pylist()]
+    source = prompt.column(S.SOURCE).to_pylist()  # [] without a prompt row: then every reason is set
     cands = cands.set_column(cands.column_names.index(S.SOURCE), S.SOURCE,
                              pa.array([None if r else source[0] for r in reasons], cands.schema.field(S.SOURCE).type))
     rows = pa.concat_tables([prompt, cands])
