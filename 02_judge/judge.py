@@ -68,7 +68,8 @@ def main() -> None:
     # Filters first (duplicates are per prompt: a groupby), so the judge never spends time on a candidate that could
     # not be paired anyway, and "nothing to pair" fails before any model starts. The prompts' rows join the same
     # groupby, which hands the kept candidates their source (common.per_prompt).
-    marked = mark_filters(with_prompts(candidates, prompts), cfg.filters, blocks).materialize()
+    marked = mark_filters(with_prompts(candidates, prompts), cfg.filters, blocks,
+                          keep_prompts=prompts is None).materialize()  # pairing reads prompts again, if it can
     filtered, can_pair, n = filter_totals(marked)
     for warning in filter_warnings(filtered, n):  # a filter made for the quickstart can eat another task's answers
         print(f"[{STAGE}] {warning}", flush=True)

@@ -2,6 +2,7 @@
 
     by_prompt(ds, fn, num_blocks)        # fn(one prompt's rows as a pyarrow Table) -> rows, in Ray's tasks
     with_rows_of(ds, other)              # ds's rows and other's in one dataset (the columns of both), to group
+    own, rest = split_group(group, is_own)   # in fn: that once-per-prompt row (or none) and the prompt's other rows
     first_per_prompt(batch)              # a prompt's first row in a batch (a combiner before a groupby)
 
 Per-prompt work (duplicates, pairs, head-to-head matches, a judge's per-source questions) runs in
@@ -13,6 +14,7 @@ a shuffle's reduce tasks want a CPU each; on 2 cores that would deadlock, on a c
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from common import schema as S
 
@@ -39,12 +41,25 @@ def padded(batch: pa.Table, schema: pa.Schema) -> pa.Table:
                                  else pa.nulls(batch.num_rows, f.type) for f in schema], schema=schema)
 
 
-def _schema(ds) -> pa.Schema:
-    return ds.schema().base_schema  # Arrow blocks: every step that calls this makes them
+def _union(schemas: list[pa.Schema]) -> pa.Schema:
+    return pa.unify_schemas(schemas, promote_options="permissive")
+
+
+def stacked(first: pa.Table, second: pa.Table) -> pa.Table:
+    """One table of both tables' rows, padded to the union of their columns (with_rows_of within a batch)."""
+    schema = _union([first.schema, second.schema])
+    return pa.concat_tables([padded(first, schema), padded(second, schema)])
 
 
 def with_rows_of(ds, other):
     """One dataset of `ds`'s rows and `other`'s, both padded to the union of their columns (for by_prompt)."""
-    schema = pa.unify_schemas([_schema(ds), _schema(other)], promote_options="permissive")
+    schema = _union([ds.schema().base_schema, other.schema().base_schema])  # Arrow blocks: every caller makes them
     pad = dict(batch_format="pyarrow", num_cpus=TASK_CPUS, fn_kwargs={"schema": schema})
     return ds.map_batches(padded, **pad).union(other.map_batches(padded, **pad))
+
+
+def split_group(group: pa.Table, is_own: pa.Array) -> tuple[pa.Table, pa.Table]:
+    """A group of by_prompt(with_rows_of(rows, once_per_prompt), ...) -> (the prompt's own row from
+    `once_per_prompt`: one row, or none when it had none; the prompt's other rows). `is_own` marks that row
+    (a mask without nulls: pc.is_valid or pc.is_null of a column only one side has)."""
+    return group.filter(is_own).slice(0, 1), group.filter(pc.invert(is_own))

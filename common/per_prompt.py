@@ -2,7 +2,7 @@
 the driver holds counts, never rows.
 
     members = with_prompts(candidates, prompts)           # the candidates and a row per prompt (its text, source)
-    marked = mark_filters(members, cfg.filters)           # + FILTER_REASON, PAIRABLE, kept ones' SOURCE (groupby)
+    marked = mark_filters(members, cfg.filters, blocks, keep_prompts=prompts is None)  # + FILTER_REASON, ...
     totals = filter_totals(marked)                        # {reason: count}, whether any prompt can be paired, count
     per_prompt = pair_prompts(scored, prompt_rows(marked, prompts), cfg.pairing, seed)  # a row per prompt: its pairs
     stats = pair_totals(per_prompt)                       # the manifest's pairing stats, from Ray Data aggregates
@@ -10,16 +10,17 @@ the driver holds counts, never rows.
     pairs = explode(per_prompt, cutoff, held=False)       # TRL rows, one per pair
     all_candidates(marked, scored)                        # candidates.parquet: every candidate, scored or why not
 
-A prompt's candidates meet in `groupby(PROMPT_ID).map_groups(...)`: duplicates and pairs are decided within a
-prompt, so no step needs the whole dataset. On 2 cores the groupbys run while no actor holds a CPU (the judge's
-actors start after the first and are gone before the second, because the caller materialises around the judge):
-a shuffle's reduce tasks want a CPU each, and on a cluster the same order keeps the judge's GPUs busy instead of
-waiting on a shuffle.
+`mark_filters` adds FILTER_REASON, PAIRABLE and the kept candidates' SOURCE. A prompt's candidates meet in
+`groupby(PROMPT_ID).map_groups(...)`: duplicates and pairs are decided within a prompt, so no step needs the whole
+dataset. On 2 cores the groupbys run while no actor holds a CPU (the judge's actors start after the first and are
+gone before the second, because the caller materialises around the judge): a shuffle's reduce tasks want a CPU
+each, and on a cluster the same order keeps the judge's GPUs busy instead of waiting on a shuffle.
 
 A prompt's text and source are stored once (stage 1's prompts.parquet), not on each candidate. They reach the
 candidates inside those same groupbys: one row per prompt (with no CANDIDATE) goes into the shuffle beside the
 candidates, so a source crosses each shuffle once per prompt instead of n times, and nothing is joined on the driver
-or read again per block. Only the judge's input carries a source per candidate (it scores each against it).
+or read again per block (pairing reads the prompts file once more; only an older stage-1 output, without one, keeps
+its prompt rows in `marked` for that). Only the judge's input carries a source per candidate (it scores against it).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from common.config import FilterConfig, PairingConfig
 from common.errors import UserError
 from common.filters import filter_reasons
 from common.generation import PROMPT_COLUMNS
-from common.groups import TASK_CPUS, by_prompt, first_per_prompt, padded, with_rows_of
+from common.groups import TASK_CPUS, by_prompt, first_per_prompt, split_group, stacked, with_rows_of
 from common.judges import parse_details
 from common.judges.base import num_words
 from common.pairing import (LENGTH, PAIR_SCHEMA, QUALITY, SKIPS, holdout_count, holdout_rank, pair_stats, pairable,
@@ -60,10 +61,8 @@ def stage1_prompts(manifest: dict) -> Path | None:
 def _split_inline(batch: pa.Table) -> pa.Table:
     """A batch of candidates that carry their prompt's columns -> the candidates without them, and a prompt row for
     each prompt in the batch (the groupby keeps one)."""
-    prompts = first_per_prompt(batch.select([S.PROMPT_ID, *PROMPT_COLUMNS]))
-    slim = batch.drop_columns(list(PROMPT_COLUMNS))
-    schema = pa.unify_schemas([slim.schema, prompts.schema], promote_options="permissive")
-    return pa.concat_tables([padded(slim, schema), padded(prompts, schema)])
+    return stacked(batch.drop_columns(list(PROMPT_COLUMNS)),
+                   first_per_prompt(batch.select([S.PROMPT_ID, *PROMPT_COLUMNS])))
 
 
 def with_prompts(candidates, prompts=None):
@@ -77,7 +76,8 @@ def with_prompts(candidates, prompts=None):
 
 def prompt_rows(marked, prompts=None):
     """The prompts' rows for pair_prompts: stage 1's prompts file, read again (on 2 cores, 2x faster than scanning
-    `marked`, whose kept candidates carry their source), or for an older stage-1 output the rows mark_filters kept."""
+    `marked`, whose kept candidates carry their source), or for an older stage-1 output the rows mark_filters kept
+    (keep_prompts=True)."""
     from ray.data.expressions import col
 
     if prompts is not None:
@@ -87,32 +87,33 @@ def prompt_rows(marked, prompts=None):
 
 def _split(group: pa.Table) -> tuple[pa.Table, pa.Table]:
     """A group of the per-prompt groupby -> (its prompt row: one row, or none; its candidates, by index)."""
-    is_prompt = pc.is_null(group.column(S.CANDIDATE))
-    return group.filter(is_prompt).slice(0, 1), group.filter(pc.invert(is_prompt)).sort_by(S.CANDIDATE)
+    prompt, cands = split_group(group, pc.is_null(group.column(S.CANDIDATE)))
+    return prompt, cands.sort_by(S.CANDIDATE)
 
 
 # ---------------------------------------------------------------- filters
-def _mark(group: pa.Table, cfg: FilterConfig) -> pa.Table:
+def _mark(group: pa.Table, cfg: FilterConfig, keep_prompts: bool) -> pa.Table:
     prompt, cands = _split(group)  # the first of two duplicates is kept: "first" is the lower index
     reasons = filter_reasons(cands.select([S.PROMPT_ID, S.RESPONSE]).to_pandas(), cfg)
     if not prompt.num_rows:
         reasons = [r or NO_PROMPT for r in reasons]
     kept = [t for t, r in zip(cands.column(S.RESPONSE).to_pylist(), reasons) if not r]
     ok = pairable([""] * len(kept), kept)
-    # Only the candidates the judge will score get the source; the prompt row keeps every prompt column.
+    # Only the candidates the judge will score get the source; a kept prompt row keeps every prompt column.
     source = prompt.column(S.SOURCE).to_pylist()  # [] without a prompt row: then every reason is set
     cands = cands.set_column(cands.column_names.index(S.SOURCE), S.SOURCE,
                              pa.array([None if r else source[0] for r in reasons], cands.schema.field(S.SOURCE).type))
-    rows = pa.concat_tables([prompt, cands])
-    reasons = [""] * prompt.num_rows + reasons
+    rows = pa.concat_tables([prompt, cands]) if keep_prompts else cands
+    reasons = [""] * (rows.num_rows - cands.num_rows) + reasons
     return (rows.append_column(S.FILTER_REASON, pa.array(reasons, pa.string()))
             .append_column(S.PAIRABLE, pa.array([ok] * rows.num_rows, pa.bool_())))
 
 
-def mark_filters(members, cfg: FilterConfig, num_blocks: int):
+def mark_filters(members, cfg: FilterConfig, num_blocks: int, keep_prompts: bool):
     """Every candidate with FILTER_REASON ("" = kept) and PAIRABLE (its prompt has two different kept texts), the
-    kept ones with their prompt's SOURCE; and each prompt's row (with_prompts), once."""
-    return by_prompt(members, _mark, num_blocks, cfg=cfg)
+    kept ones with their prompt's SOURCE; with `keep_prompts`, each prompt's row (with_prompts) too, once: pairing
+    reads it back (prompt_rows) when stage 1 wrote no prompts file to read again."""
+    return by_prompt(members, _mark, num_blocks, cfg=cfg, keep_prompts=keep_prompts)
 
 
 def filter_totals(marked) -> tuple[dict[str, int], bool, int]:

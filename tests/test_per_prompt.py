@@ -48,18 +48,22 @@ def members(ray, df, inline: bool):
 
     cands = df.drop(columns=[S.SCORE, S.NUM_WORDS])
     if inline:
-        return with_prompts(data(cands, 7))
-    prompts = cands.drop_duplicates(S.PROMPT_ID)[[S.PROMPT_ID, *PROMPT_COLUMNS]]
-    return with_prompts(data(cands.drop(columns=PROMPT_COLUMNS), 7), data(prompts, 3))
+        return with_prompts(data(cands, 7)), None
+    prompts = data(cands.drop_duplicates(S.PROMPT_ID)[[S.PROMPT_ID, *PROMPT_COLUMNS]], 3)
+    return with_prompts(data(cands.drop(columns=PROMPT_COLUMNS), 7), prompts), prompts
 
 
 @pytest.mark.parametrize("inline", [False, True], ids=["prompts_table", "inline"])
 def test_same_filters_pairs_stats_and_split_as_in_memory(ray_local, inline):
     df = candidates()
-    marked = mark_filters(members(ray_local, df, inline), FILTERS, num_blocks=3).materialize()
+    rows, prompts = members(ray_local, df, inline)
+    marked = mark_filters(rows, FILTERS, num_blocks=3, keep_prompts=inline).materialize()
     ordered = df.sort_values([S.PROMPT_ID, S.CANDIDATE], ignore_index=True)
     expected = filter_reasons(ordered, FILTERS)
-    got = marked.to_pandas().dropna(subset=[S.CANDIDATE]).sort_values([S.PROMPT_ID, S.CANDIDATE])
+    every = marked.to_pandas()
+    # a prompt row stays only where pairing must read it back: a stage-1 output without a prompts file
+    assert every[S.CANDIDATE].isna().sum() == (df[S.PROMPT_ID].nunique() if inline else 0)
+    got = every.dropna(subset=[S.CANDIDATE]).sort_values([S.PROMPT_ID, S.CANDIDATE])
     assert got[S.FILTER_REASON].tolist() == expected
     assert {"duplicate", "invalid_chars", "too_short", "too_long"} <= set(expected)
     removed, can_pair, n = filter_totals(marked)
@@ -73,7 +77,7 @@ def test_same_filters_pairs_stats_and_split_as_in_memory(ray_local, inline):
     # as the judge leaves it: scored, without the source, any blocks
     scored = ray_local.data.from_arrow(pa.Table.from_pandas(kept.drop(columns=PROMPT_COLUMNS), preserve_index=False)
                                        ).repartition(5)
-    per_prompt = pair_prompts(scored, prompt_rows(marked), RULE, seed=3, num_blocks=4).materialize()
+    per_prompt = pair_prompts(scored, prompt_rows(marked, prompts), RULE, seed=3, num_blocks=4).materialize()
     pairs, stats = make_pairs(kept, RULE, seed=3)
     assert pair_totals(per_prompt) == stats and stats["pairs"] > 20 and stats["ties_dropped"] > 0
 
@@ -97,7 +101,8 @@ def test_same_filters_pairs_stats_and_split_as_in_memory(ray_local, inline):
 def test_no_pairable_prompt_is_reported(ray_local):
     rows = [{S.PROMPT_ID: "p", S.CANDIDATE: k, S.RESPONSE: "same words here", S.SOURCE: "s", S.REFERENCE: "",
              S.PROMPT: [{"role": "user", "content": "s"}]} for k in range(3)]
-    marked = mark_filters(with_prompts(ray_local.data.from_items(rows)), FILTERS, num_blocks=1).materialize()
+    marked = mark_filters(with_prompts(ray_local.data.from_items(rows)), FILTERS, num_blocks=1,
+                          keep_prompts=True).materialize()
     assert filter_totals(marked) == ({"duplicate": 2}, False, 3)
 
 
@@ -105,7 +110,7 @@ def test_a_candidate_without_its_prompt_row_is_counted_not_judged(ray_local):
     cands = [{S.PROMPT_ID: p, S.CANDIDATE: k, S.RESPONSE: f"answer {k} of {p} here"} for p in "ab" for k in range(2)]
     prompts = [{S.PROMPT_ID: "a", S.SOURCE: "s", S.REFERENCE: "", S.PROMPT: [{"role": "user", "content": "s"}]}]
     marked = mark_filters(with_prompts(ray_local.data.from_items(cands), ray_local.data.from_items(prompts)),
-                          FILTERS, num_blocks=2).materialize()
+                          FILTERS, num_blocks=2, keep_prompts=False).materialize()
     assert filter_totals(marked) == ({NO_PROMPT: 2}, True, 4)
     assert sorted(to_judge(marked).to_pandas()[S.PROMPT_ID]) == ["a", "a"]
 

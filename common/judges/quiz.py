@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from common import schema as S
 from common.config import LLMJudgeConfig, QuizConfig
-from common.groups import TASK_CPUS, by_prompt, first_per_prompt, with_rows_of
+from common.groups import TASK_CPUS, by_prompt, first_per_prompt, split_group, with_rows_of
 from common.judges.llm import RAW, SKIPPED, ask, letters, llm_asks, parse_reply, read_choice, score_replies
 from common.ray_setup import Ask
 
@@ -171,9 +171,7 @@ def _read_questions(batch: pa.Table, k: int, num_options: int) -> pa.Table:
 def _with_questions(group: pa.Table) -> pa.Table:
     """One prompt's responses and its questions row (the one with QUESTIONS set) -> the responses, each with the
     row's QUESTIONS and SOURCE (every prompt has that row: ask returns a row for each it was given)."""
-    is_questions = pc.is_valid(group.column(QUESTIONS))
-    own = group.filter(is_questions).slice(0, 1)
-    rows = group.filter(pc.invert(is_questions))
+    own, rows = split_group(group, pc.is_valid(group.column(QUESTIONS)))
     for name in (QUESTIONS, S.SOURCE):
         value = own.column(name)[0].as_py() if own.num_rows else ""
         rows = rows.set_column(rows.column_names.index(name), name,

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from common import schema as S
 from common.config import LLMJudgeConfig, RubricConfig
-from common.groups import TASK_CPUS, by_prompt, with_rows_of
+from common.groups import TASK_CPUS, by_prompt, split_group, with_rows_of
 from common.judges.base import with_scores
 from common.judges.llm import RAW, SKIPPED, ask, llm_asks, parse_reply, score_replies
 from common.ray_setup import Ask
@@ -180,10 +180,9 @@ def _with_shares(group: pa.Table) -> pa.Table:
     no prompt had two) -> the responses, scored (common.judges.base.with_scores)."""
     shares, rows = {}, group
     if _SHARES in group.column_names:
-        is_shares = pc.is_valid(group.column(_SHARES))
-        own = group.filter(is_shares).column(_SHARES).to_pylist()
-        shares = json.loads(own[0]) if own else {}
-        rows = group.filter(pc.invert(is_shares)).drop_columns([_SHARES, *_KINDS])
+        own, rows = split_group(group, pc.is_valid(group.column(_SHARES)))
+        shares = json.loads(own.column(_SHARES)[0].as_py()) if own.num_rows else {}
+        rows = rows.drop_columns([_SHARES, *_KINDS])
     got = [shares.get(r) for r in rows.column(S.RESPONSE).to_pylist()]
     details = [dict(g) if g else {"error": "no_other_response"} for g in got]
     scores = [d.pop("score", math.nan) for d in details]
