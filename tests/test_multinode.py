@@ -206,7 +206,7 @@ def submit(cluster: Cluster, out: Path, pairs: Path, *sets: str, wait: bool = Tr
            "--set", "preference_tuning_config.logprob_processor_scaling_config.concurrency=2",
            "--set", "preference_tuning_config.logprob_processor_scaling_config.batch_size=2",
            "--set", "num_cpus_per_worker=0.5", "--set", "cpu_threads_after_reference=1",
-           "--set", "train_batch_size_per_device=2", "--set", "num_data_blocks_per_device=4"]
+           "--set", "train_batch_size_per_device=2", "--set", "num_data_blocks_per_device=4", "--set", "num_epochs=1"]
     for s in sets:
         cmd += ["--set", s]
     env = {k: v for k, v in cluster.env.items() if k != "RAY_TMPDIR"}  # a client machine knows only the URL

@@ -45,7 +45,8 @@ def run(script: str, config: str, out: Path, *sets: str):
 def chain(stage1_run):
     out = stage1_run[0]  # 01_generate on the quickstart config (conftest.stage1_run); the chain goes on from it
     run("02_judge/judge.py", "02_judge.yaml", out, *PAIRING)
-    run("03_dpo_train/train.py", "03_dpo_train.yaml", out, f"train_batch_size_per_device={BATCH}")
+    run("03_dpo_train/train.py", "03_dpo_train.yaml", out, f"train_batch_size_per_device={BATCH}",
+        "num_epochs=1")  # the quickstart trains 2; one shows the chain (later epochs: test_dpo_stage, test_resilience)
     run("04_evaluate/evaluate.py", "04_evaluate.yaml", out, f"data.limit={EVAL_PROMPTS}", "sampling.max_tokens=48",
         "bootstrap_samples=100")
     return out
