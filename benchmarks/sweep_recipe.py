@@ -5,13 +5,15 @@
     .venv/bin/python benchmarks/sweep_recipe.py --point gap5 02_judge:pairing.min_length_gap=5   # your own points
     .venv/bin/python benchmarks/sweep_recipe.py --candidates outputs/quickstart/01_generate --result seeds.json \
         --point seed0 03_dpo_train:seed=0 --point seed1 03_dpo_train:seed=1 --point seed2 03_dpo_train:seed=2
+    .venv/bin/python benchmarks/sweep_recipe.py --candidates outputs/quickstart/01_generate --result epochs.json \
+        --point e1s0 03_dpo_train:num_epochs=1 --point e2s0 03_dpo_train:num_epochs=2   # the epochs of docs/stage2.md
 
 Every point is the quickstart (configs/quickstart/) on the same stage-1 candidates of the 64 train abstracts, but
 for its overrides; stage 4 then runs on the validation split (`--split`, ACLSum val: 50 abstracts). A point's win rate
 is graded by its own stage-2 judge and rule (stage 4 takes them from stage 2's manifest), so win rates of points that
 change the rule are not comparable with each other; the signals the model never trained on (ROUGE-L and MiniLM
 similarity to the human summaries, copy share) are. The test split is refused: it is for the report, once.
-Each point takes ~8 min on 2 cores (stage 3 most of it); outputs go under --out, the table to stdout and
+Each point takes ~10 min on 2 cores (stage 3 most of it); outputs go under --out, the table to stdout and
 benchmarks/results/sweep_recipe.json (`--result`). The last column is issue 17's bar: win rate >= 70% with the
 interval's lower end above 50%, ROUGE-L not below SFT's, copy share not above SFT's. The seed points measure how much
 of a run's result is its pairs' order and LoRA init alone: same pairs, same reference log-probs.
