@@ -51,10 +51,15 @@ SCORE_MEANING = {
 
 
 # ---------------------------------------------------------------- the per-prompt verdict
-def outcomes(df: pd.DataFrame, model: str, baseline: str, pairing: PairingConfig) -> pd.Series:
-    """Per prompt id: 1.0 win, 0.5 tie, 0.0 loss of `model` against `baseline`; NaN where either is unjudged."""
+SAME_TEXT = "same_text"  # a match's branch when both answers are one text: a tie, decided by no branch of the rule
+
+
+def matches(df: pd.DataFrame, model: str, baseline: str, pairing: PairingConfig) -> pd.DataFrame:
+    """Per prompt id: `outcome` (1.0 win, 0.5 tie, 0.0 loss of `model` against `baseline`; NaN where either is
+    unjudged) and `branch`, the part of the pairing rule that decided it: common.pairing's QUALITY (an answer below
+    the threshold: on score) or LENGTH (both at or above it: on length), or SAME_TEXT."""
     from common.filters import normalize
-    from common.pairing import compare
+    from common.pairing import QUALITY, decide
 
     a = df[df[S.SYSTEM] == model].set_index(S.PROMPT_ID)
     b = df[df[S.SYSTEM] == baseline].set_index(S.PROMPT_ID)
@@ -62,13 +67,27 @@ def outcomes(df: pd.DataFrame, model: str, baseline: str, pairing: PairingConfig
     for pid in a.index.intersection(b.index):
         ra, rb = a.loc[pid], b.loc[pid]
         if normalize(ra[S.RESPONSE]) == normalize(rb[S.RESPONSE]):
-            out[pid] = 0.5  # same text (up to whitespace): a tie, whatever float noise the judge's batching adds
+            out[pid] = (0.5, SAME_TEXT)  # up to whitespace: a tie, whatever float noise the judge's batching adds
         elif math.isnan(ra[S.SCORE]) or math.isnan(rb[S.SCORE]):
-            out[pid] = float("nan")
+            out[pid] = (float("nan"), QUALITY)
         else:
-            p = compare(float(ra[S.SCORE]), int(ra[S.NUM_WORDS]), float(rb[S.SCORE]), int(rb[S.NUM_WORDS]), pairing)
-            out[pid] = 1.0 if p > 0 else 0.0 if p < 0 else 0.5
-    return pd.Series(out, dtype=np.float64)
+            p, branch = decide(float(ra[S.SCORE]), int(ra[S.NUM_WORDS]), float(rb[S.SCORE]), int(rb[S.NUM_WORDS]),
+                               pairing)
+            out[pid] = (1.0 if p > 0 else 0.0 if p < 0 else 0.5, branch)
+    return pd.DataFrame.from_dict(out, orient="index", columns=["outcome", "branch"]).astype({"outcome": np.float64})
+
+
+def outcomes(df: pd.DataFrame, model: str, baseline: str, pairing: PairingConfig) -> pd.Series:
+    """Per prompt id: 1.0 win, 0.5 tie, 0.0 loss of `model` against `baseline`; NaN where either is unjudged."""
+    return matches(df, model, baseline, pairing)["outcome"]
+
+
+def by_branch(judged: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """{branch: {wins, ties, losses}} of judged matches (`matches` without its NaN rows): where a model wins and
+    loses. A model that wins on score and loses on length has become more faithful and longer."""
+    return {branch: {"wins": int((g["outcome"] == 1.0).sum()), "ties": int((g["outcome"] == 0.5).sum()),
+                     "losses": int((g["outcome"] == 0.0).sum())}
+            for branch, g in judged.groupby("branch", sort=True)}
 
 
 # ---------------------------------------------------------------- metrics
@@ -142,10 +161,11 @@ def compute(df: pd.DataFrame, names: list[str], baseline: str, judge: JudgeConfi
     for n in names:
         if n == baseline:
             continue
-        o = outcomes(df, n, baseline, pairing)
-        valid = o.dropna()
+        m = matches(df, n, baseline, pairing)
+        valid = m["outcome"].dropna()
         wr = M.win_rate(valid.tolist(), bootstrap_samples, seed) if len(valid) else {}
-        wr["unjudged"] = int(o.isna().sum())
+        wr["unjudged"] = int(m["outcome"].isna().sum())
+        wr["by_branch"] = by_branch(m.dropna(subset=["outcome"]))
         wr["mean_score_delta"] = _delta(models[n], models[baseline], "mean_score")
         wr["mean_words_delta"] = _delta(models[n], models[baseline], "mean_words")
         wr["length_controlled"] = M.length_controlled_win_rate(
@@ -224,6 +244,7 @@ def table_rows(metrics: dict, judge: JudgeConfig, filters: FilterConfig, pairing
         row(f"win rate vs {base} [95% CI]", win),
         row("wins / ties / losses", lambda n: f"{wr[n]['wins']} / {wr[n]['ties']} / {wr[n]['losses']}"
             if n in wr and "wins" in wr[n] else "—"),
+        row("... decided on score · on length", lambda n: _branches(wr.get(n))),
         row("mean judge score" + (_similarity_name(judge) if judge.type == "similarity" else ""),
             lambda n: _num(models[n].get("mean_score"))),
     ]
@@ -244,6 +265,19 @@ def table_rows(metrics: dict, judge: JudgeConfig, filters: FilterConfig, pairing
     if any(models[n]["share_unjudged"] for n in names):
         rows.append(row("share the judge could not score", lambda n: _pct(models[n]["share_unjudged"])))
     return rows
+
+
+def _branches(w: Optional[dict]) -> str:
+    """"34 / 21 / 8 · 9 / 8 / 20": wins / ties / losses of the matches decided on score, then on length."""
+    from common.pairing import LENGTH, QUALITY
+
+    got = (w or {}).get("by_branch")
+    if not got:
+        return "—"
+    text = " · ".join("{wins} / {ties} / {losses}".format(**got.get(k, dict(wins=0, ties=0, losses=0)))
+                      for k in (QUALITY, LENGTH))
+    same = got.get(SAME_TEXT, {}).get("ties")
+    return f"{text} (+{same} same text)" if same else text
 
 
 def signal_rows(metrics: dict, names: list[str], row) -> list[list[str]]:
@@ -459,6 +493,10 @@ def write_report(path: Path, *, metrics: dict, names: list[str], dpo: str, df: p
         "large, lengths and scores describe truncated text.",
         "- A DPO model that wins by being shorter while its judge score holds is what the pairs rewarded; "
         "one that wins while its score falls is trading faithfulness for brevity.",
+        "- **Decided on score · on length**: wins / ties / losses split by the part of the rule that decided them: "
+        "on score when either answer falls below the threshold (or the shorter one lost more than "
+        "`max_score_drop`), on length when both are at or above it. A model that wins on score and loses on length "
+        "has become more faithful and longer: the win rate asks for both.",
         *SIGNAL_HELP,
         "",
     ]

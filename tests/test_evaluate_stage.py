@@ -106,6 +106,8 @@ def evaluated(tmp_path_factory, model_path):
 def test_dpo_against_itself_ties_every_prompt(evaluated):
     wr = evaluated["metrics"]["win_rate"]["dpo"]
     assert (wr["wins"], wr["ties"], wr["losses"], wr["n"]) == (0, N_PROMPTS, 0, N_PROMPTS)
+    assert sum(b["ties"] for b in wr["by_branch"].values()) == N_PROMPTS and \
+        not any(b["wins"] or b["losses"] for b in wr["by_branch"].values())
     assert wr["win_rate"] == 0.5
     assert wr["ci_low"] <= 0.5 <= wr["ci_high"]
     assert wr["mean_score_delta"] == pytest.approx(0, abs=1e-6) and wr["mean_words_delta"] == 0
@@ -114,6 +116,7 @@ def test_dpo_against_itself_ties_every_prompt(evaluated):
 def test_off_topic_outputs_lose_every_prompt(evaluated):
     wr = evaluated["metrics"]["win_rate"]["offtopic"]
     assert (wr["wins"], wr["losses"], wr["win_rate"]) == (0, N_PROMPTS, 0.0)
+    assert wr["by_branch"] == {"quality": {"wins": 0, "ties": 0, "losses": N_PROMPTS}}  # off topic: unfaithful
     assert wr["ci_low"] <= wr["win_rate"] <= wr["ci_high"]
     models = evaluated["metrics"]["models"]
     assert models["offtopic"]["mean_score"] < models["sft"]["mean_score"] - 0.2
@@ -145,6 +148,7 @@ def test_report_plots_and_manifest_written(evaluated):
     folder, m = evaluated["folder"], evaluated["metrics"]
     report = (folder / "report.md").read_text()
     for text in ("| metric", "| dpo", "sft (baseline)", "offtopic", "win rate vs sft [95% CI]", "50.0%",
+                 "... decided on score · on length", f"0 / 0 / {N_PROMPTS} · 0 / 0 / 0",
                  "How to read this", "faithfulness", "Side by side", "Example 1", "training_curves.png",
                  "the prompt differs from stage 1's"):
         assert text in report, text
@@ -275,7 +279,7 @@ def test_verdicts_follow_the_pairing_rule_and_identical_text_ties():
     d: same text, scores differ by float noise  -> tie                -> 0.5
     e: baseline unjudged (NaN)                  -> left out           -> NaN
     """
-    from common.report import outcomes
+    from common.report import _branches, by_branch, matches, outcomes
 
     rows = [("a", 4.0, 10, 4.0, 20), ("b", 2.0, 5, 4.0, 30), ("c", 5.0, 11, 5.0, 12),
             ("d", 1.0, 7, 1.0 + 1e-9, 7), ("e", 4.0, 5, float("nan"), 9)]
@@ -287,3 +291,11 @@ def test_verdicts_follow_the_pairing_rule_and_identical_text_ties():
     o = outcomes(pd.DataFrame(recs), "m", "b", PairingConfig())
     assert o.drop("e").to_dict() == {"a": 1.0, "b": 0.0, "c": 0.5, "d": 0.5}
     assert np.isnan(o["e"])
+
+    # which part of the rule decided each: a and c on length, b on score, d the same text; e unjudged, left out
+    m = matches(pd.DataFrame(recs), "m", "b", PairingConfig())
+    assert m["branch"].drop("e").to_dict() == {"a": "length", "b": "quality", "c": "length", "d": "same_text"}
+    got = by_branch(m.dropna(subset=["outcome"]))
+    assert got == {"length": {"wins": 1, "ties": 1, "losses": 0}, "quality": {"wins": 0, "ties": 0, "losses": 1},
+                   "same_text": {"wins": 0, "ties": 1, "losses": 0}}
+    assert _branches({"by_branch": got}) == "0 / 0 / 1 · 1 / 1 / 0 (+1 same text)"
