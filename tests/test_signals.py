@@ -130,8 +130,11 @@ def test_report_signals_and_bars_from_a_table():
     checks = dict((c.split(" (")[0], ok) for c, ok in report.target_check(m, "dpo", 0.7, 0.02))
     assert checks["ROUGE-L vs human not lower than sft"] is False  # the copy is further from the human summary
     assert checks["copy share not higher than sft"] is False
-    labels = [r[0] for r in report.table_rows(m, judge, filters, pairing, ["dpo", "sft"])]
-    assert "ROUGE-L F1 vs human reference" in labels and "judge prefers human reference over this model" in labels
+    rows = {r[0]: r[1:] for r in report.table_rows(m, judge, filters, pairing, ["dpo", "sft"])}
+    assert "ROUGE-L F1 vs human reference" in rows and "judge prefers human reference over this model" in rows
+    # p1: both faithful, dpo 8 words shorter -> a win on length; p2: both faithful, 1 word apart -> a tie on length
+    assert m["win_rate"]["dpo"]["by_branch"] == {"length": {"wins": 1, "ties": 1, "losses": 0}}
+    assert rows["... decided on score · on length"] == ["0 / 0 / 0 · 1 / 1 / 0", "—"]
 
 
 def _bar_metrics(win_rate, ci_low, ci_high):
