@@ -85,8 +85,8 @@ def outcomes(df: pd.DataFrame, model: str, baseline: str, pairing: PairingConfig
 def by_branch(judged: pd.DataFrame) -> dict[str, dict[str, int]]:
     """{branch: {wins, ties, losses}} of judged matches (`matches` without its NaN rows): where a model wins and
     loses. A model that wins on score and loses on length has become more faithful and longer."""
-    return {branch: {"wins": int((g["outcome"] == 1.0).sum()), "ties": int((g["outcome"] == 0.5).sum()),
-                     "losses": int((g["outcome"] == 0.0).sum())}
+    counts = ("wins", "ties", "losses")  # counted by metrics.win_rate, the headline's own count (no interval)
+    return {branch: {k: v for k, v in M.win_rate(g["outcome"].tolist(), 0, 0).items() if k in counts}
             for branch, g in judged.groupby("branch", sort=True)}
 
 
@@ -162,10 +162,11 @@ def compute(df: pd.DataFrame, names: list[str], baseline: str, judge: JudgeConfi
         if n == baseline:
             continue
         m = matches(df, n, baseline, pairing)
-        valid = m["outcome"].dropna()
+        judged = m.dropna(subset=["outcome"])
+        valid = judged["outcome"]
         wr = M.win_rate(valid.tolist(), bootstrap_samples, seed) if len(valid) else {}
-        wr["unjudged"] = int(m["outcome"].isna().sum())
-        wr["by_branch"] = by_branch(m.dropna(subset=["outcome"]))
+        wr["unjudged"] = len(m) - len(judged)
+        wr["by_branch"] = by_branch(judged)
         wr["mean_score_delta"] = _delta(models[n], models[baseline], "mean_score")
         wr["mean_words_delta"] = _delta(models[n], models[baseline], "mean_words")
         wr["length_controlled"] = M.length_controlled_win_rate(
