@@ -124,3 +124,23 @@ def one_line_error(proc) -> str:
     errors = [ln for ln in ours if ln.startswith("error:")]
     assert len(errors) == 1, proc.stderr[-3000:]
     return errors[0]
+
+
+def training_progress(work: Path) -> tuple[int, int]:
+    """Stage 3's progress as seen from outside, in `work` (its `.03_dpo_train.work/`): the last step metrics.jsonl
+    logged and the step of the last checkpoint Ray Train's controller has registered (0: none yet). A checkpoint
+    a worker has reported is not yet one a restart resumes from: the controller picks reports up as it polls, and
+    a worker killed before that loses it. Tests that kill a run wait for both, or race the poll."""
+    import json
+
+    def text(path: Path) -> str:
+        return path.read_text() if path.exists() else ""
+
+    rows = [json.loads(ln) for ln in text(work / "metrics.jsonl").split("\n")[:-1]]  # lines written whole
+    steps = [0]
+    for snapshot in (work / "ray").glob("*/checkpoint_manager_snapshot.json"):
+        try:  # Ray writes it in place: it may be caught mid-write
+            steps.append(json.loads(text(snapshot))["latest_checkpoint_result"]["metrics"]["step"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    return (rows[-1]["step"] if rows else 0), max(steps)

@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 
 from common.io import read_manifest
-from conftest import REPO
+from conftest import REPO, training_progress
 from test_dpo_stage import write_pairs
 
 pytestmark = pytest.mark.slow
@@ -316,13 +316,12 @@ def test_losing_the_a100_node_the_run_waits_and_resumes_from_its_checkpoint_when
     # Half an A10G per actor: the pool fits on one A10G node, in case the test before this one lost the other.
     job = submit(cluster, out, pairs, f'{ref}.custom_resources={{"accelerator_type:A10G": 0.5}}',
                  "checkpoint_every_n_steps=2", "max_failures=1", wait=False)
-    metrics = out / ".03_dpo_train.work" / "metrics.jsonl"
     lost = cluster.node_ids["a100"]
     try:
         deadline = time.time() + 1200
         while job.poll() is None and time.time() < deadline:
-            rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
-            if rows and rows[-1]["step"] >= 3:
+            logged, checkpointed = training_progress(out / ".03_dpo_train.work")
+            if logged >= 3 and checkpointed == 2:  # the step-2 checkpoint is one the restart finds
                 break
             time.sleep(0.3)
         assert job.poll() is None, "the job ended before step 3"

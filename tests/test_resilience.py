@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from common.io import read_manifest
-from conftest import REPO, STAGE1_CANDIDATES, STAGE1_PROMPTS, copy_stage1, run_stage
+from conftest import REPO, STAGE1_CANDIDATES, STAGE1_PROMPTS, copy_stage1, run_stage, training_progress
 from test_dpo_stage import write_pairs
 
 pytestmark = pytest.mark.slow  # starts Ray / vLLM / stage subprocesses: not in `scripts/test.sh --fast`
@@ -61,17 +61,15 @@ def test_two_workers_one_killed_mid_epoch_resume_and_train_every_pair_once(tmp_p
     workers had trained on, so the rest of epoch 1 trains each of the other pairs once, on whichever worker the
     new split gives it (the shares may differ: the worker with fewer steps along)."""
     pairs = write_pairs(tmp_path / "pairs.jsonl", 8)
-    metrics = tmp_path / ".03_dpo_train.work" / "metrics.jsonl"
+    work = tmp_path / ".03_dpo_train.work"
     killed = []
 
     def after_step_3():
-        if not metrics.exists():
-            return False
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        if rows and rows[-1]["step"] >= 3 and not killed:
+        logged, checkpointed = training_progress(work)
+        if logged >= 3 and checkpointed == 2 and not killed:  # the step-2 checkpoint is one a restart finds
+            rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
             os.kill(rows[-1]["trainer_pid"], signal.SIGKILL)  # rank 0's worker only, not the driver
             killed.append(rows[-1]["trainer_pid"])
-        return False
 
     proc = start("03_dpo_train/train.py", DPO_CONFIG, f"train_path={pairs}", f"output_dir={tmp_path}",
                  "num_epochs=2", "num_devices=2", "train_batch_size_per_device=1", "num_cpus_per_worker=0.5",
@@ -142,11 +140,10 @@ def test_train_driver_killed_mid_run_rerun_resumes_from_its_checkpoint(tmp_path)
     pairs = write_pairs(tmp_path / "pairs.jsonl", 8)
     sets = [f"train_path={pairs}", f"output_dir={tmp_path}", "num_epochs=1", "train_batch_size_per_device=1",
             "checkpoint_every_n_steps=2"]
-    metrics = tmp_path / ".03_dpo_train.work" / "metrics.jsonl"
 
     def after_step_3():
-        rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()] if metrics.exists() else []
-        return bool(rows) and rows[-1]["step"] >= 3
+        logged, checkpointed = training_progress(tmp_path / ".03_dpo_train.work")
+        return logged >= 3 and checkpointed == 2  # the step-2 checkpoint is one the rerun finds
 
     proc = start("03_dpo_train/train.py", DPO_CONFIG, *sets)
     kill_when(proc, after_step_3, timeout=900)
