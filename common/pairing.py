@@ -8,7 +8,9 @@
 
 At most `max_pairs_per_prompt` pairs per prompt are kept: the largest gaps first (score gap for quality pairs, word
 gap for length pairs), alternating between the two kinds so both lessons survive the cap, and equal gaps ordered by
-a hash of (seed, pair), so the choice is deterministic and independent of row order.
+a hash of (seed, pair), so the choice is deterministic and independent of row order. Which kind leads is drawn per
+prompt by a hash of (seed, prompt): under a cap of 1, the prompts that have both kinds teach each about half the time
+(quality first everywhere would leave the length lesson only the prompts without a quality pair).
 
 `compare` is the same rule for one (a, b): stage 4 uses it for the win rate of a model against its baseline.
 """
@@ -73,14 +75,14 @@ def pair_id(prompt_id: str, chosen: str, rejected: str) -> str:
     return hashlib.sha1(f"{prompt_id}\x1f{chosen}\x1f{rejected}".encode()).hexdigest()[:16]
 
 
-def _select(decided: list[dict], cap: int, seed: int) -> list[dict]:
+def _select(decided: list[dict], cap: int, seed: int, prompt_id: str) -> list[dict]:
     kinds = {QUALITY: [], LENGTH: []}
     for p in decided:
         kinds[p["kind"]].append(p)
     for ps in kinds.values():
         ps.sort(key=lambda p: (-p["gap"], _tiebreak(seed, p["key"])))
-    q, ln = kinds[QUALITY], kinds[LENGTH]
-    merged = [p for pair in zip(q, ln) for p in pair] + q[len(ln):] + ln[len(q):]
+    a, b = (kinds[QUALITY], kinds[LENGTH])[::1 if _tiebreak(seed, prompt_id) % 2 else -1]
+    merged = [p for pair in zip(a, b) for p in pair] + a[len(b):] + b[len(a):]
     return merged[:cap]
 
 
@@ -106,7 +108,7 @@ def pairs_for_prompt(rows: list[dict], cfg: PairingConfig, seed: int) -> tuple[l
                    else int(lose[S.NUM_WORDS]) - int(win[S.NUM_WORDS]))
             decided.append(dict(chosen=win, rejected=lose, kind=kind, gap=gap,
                                 key=(win[S.RESPONSE], lose[S.RESPONSE])))
-    kept = _select(decided, cfg.max_pairs_per_prompt, seed)
+    kept = _select(decided, cfg.max_pairs_per_prompt, seed, rows[0][S.PROMPT_ID] if rows else "")
     counts["over_cap"] = len(decided) - len(kept)
     return kept, counts
 

@@ -7,7 +7,7 @@ Worked example (quickstart numbers: threshold 0.6, margin 0.05, gap 3), candidat
     a-d: both faithful, 1 word apart < 3 -> tie, dropped
     b-c: quality -> b wins (gap 0.30);  b-d: length -> b wins (gap 9);  c-d: quality -> d wins (gap 0.33)
 With max 3 pairs: the quality pairs by gap are a>c (0.35), d>c (0.33), b>c (0.30); the length pairs b>a (10),
-b>d (9); alternating quality/length from the top: a>c, b>a, d>c.
+b>d (9); alternating from the top, the kind drawn to lead for this prompt and seed (quality): a>c, b>a, d>c.
 """
 import math
 from collections import Counter
@@ -108,6 +108,28 @@ def test_selection_is_deterministic_and_order_free():
     assert len(first) == 3
     seeds = {tuple(key(pairs_for_prompt(rows, QS, seed=s)[0])) for s in range(8)}
     assert len(seeds) > 1  # the seed breaks ties between equal gaps
+
+
+def test_under_a_cap_of_one_each_kind_leads_on_about_half_the_prompts():
+    """Every prompt has a quality pair (a>c) and a length pair (b>a): with one pair a prompt, which one it keeps is
+    drawn per prompt, fixed by (seed, prompt), so the length lesson is not left only the prompts without a quality
+    pair."""
+    cap1 = QS.model_copy(update={"max_pairs_per_prompt": 1})
+
+    def kinds(seed):
+        out = {}
+        for i in range(40):
+            rows = [row("a " + words(39), 0.85, pid=f"p{i}"), row("b " + words(29), 0.80, pid=f"p{i}", k=1),
+                    row("c " + words(19), 0.50, pid=f"p{i}", k=2)]
+            kept, counts = pairs_for_prompt(rows, cap1, seed)
+            assert len(kept) == 1 and counts["over_cap"] == 2
+            out[f"p{i}"] = kept[0]["kind"]
+        return out
+
+    first = kinds(0)
+    assert 12 <= Counter(first.values())[LENGTH] <= 28, Counter(first.values())
+    assert kinds(0) == first  # the same draw every run
+    assert kinds(1) != first  # the seed draws again
 
 
 def test_unscored_candidates_are_not_paired():
