@@ -81,7 +81,8 @@ def _select(decided: list[dict], cap: int, seed: int, prompt_id: str) -> list[di
         kinds[p["kind"]].append(p)
     for ps in kinds.values():
         ps.sort(key=lambda p: (-p["gap"], _tiebreak(seed, p["key"])))
-    a, b = (kinds[QUALITY], kinds[LENGTH])[::1 if _tiebreak(seed, prompt_id) % 2 else -1]
+    q, ln = kinds[QUALITY], kinds[LENGTH]
+    a, b = (q, ln) if _tiebreak(seed, prompt_id) % 2 else (ln, q)  # the kind that leads: drawn per prompt
     merged = [p for pair in zip(a, b) for p in pair] + a[len(b):] + b[len(a):]
     return merged[:cap]
 
