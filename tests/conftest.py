@@ -126,9 +126,10 @@ def one_line_error(proc) -> str:
     return errors[0]
 
 
-def training_progress(work: Path) -> tuple[int, int]:
-    """Stage 3's progress as seen from outside, in `work` (its `.03_dpo_train.work/`): the last step metrics.jsonl
-    logged and the step of the last checkpoint Ray Train's controller has registered (0: none yet). A checkpoint
+def training_progress(work: Path) -> tuple[dict, int]:
+    """Stage 3's progress as seen from outside, in `work` (its `.03_dpo_train.work/`): the last row metrics.jsonl
+    logged (`{"step": 0}` before the first) and the step of the last checkpoint Ray Train's controller has
+    registered (0: none yet). A checkpoint
     a worker has reported is not yet one a restart resumes from: the controller picks reports up as it polls, and
     a worker killed before that loses it. Tests that kill a run wait for both, or race the poll."""
     import json
@@ -143,4 +144,4 @@ def training_progress(work: Path) -> tuple[int, int]:
             steps.append(json.loads(text(snapshot))["latest_checkpoint_result"]["metrics"]["step"])
         except (ValueError, KeyError, TypeError):
             pass
-    return (rows[-1]["step"] if rows else 0), max(steps)
+    return (rows[-1] if rows else {"step": 0}), max(steps)

@@ -320,8 +320,8 @@ def test_losing_the_a100_node_the_run_waits_and_resumes_from_its_checkpoint_when
     try:
         deadline = time.time() + 1200
         while job.poll() is None and time.time() < deadline:
-            logged, checkpointed = training_progress(out / ".03_dpo_train.work")
-            if logged >= 3 and checkpointed == 2:  # the step-2 checkpoint is one the restart finds
+            last, checkpointed = training_progress(out / ".03_dpo_train.work")
+            if last["step"] >= 3 and checkpointed == 2:  # the step-2 checkpoint is one the restart finds
                 break
             time.sleep(0.3)
         assert job.poll() is None, "the job ended before step 3"

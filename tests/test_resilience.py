@@ -65,11 +65,10 @@ def test_two_workers_one_killed_mid_epoch_resume_and_train_every_pair_once(tmp_p
     killed = []
 
     def after_step_3():
-        logged, checkpointed = training_progress(work)
-        if logged >= 3 and checkpointed == 2 and not killed:  # the step-2 checkpoint is one a restart finds
-            rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
-            os.kill(rows[-1]["trainer_pid"], signal.SIGKILL)  # rank 0's worker only, not the driver
-            killed.append(rows[-1]["trainer_pid"])
+        last, checkpointed = training_progress(work)
+        if last["step"] >= 3 and checkpointed == 2 and not killed:  # the step-2 checkpoint is one a restart finds
+            os.kill(last["trainer_pid"], signal.SIGKILL)  # rank 0's worker only, not the driver
+            killed.append(last["trainer_pid"])
 
     proc = start("03_dpo_train/train.py", DPO_CONFIG, f"train_path={pairs}", f"output_dir={tmp_path}",
                  "num_epochs=2", "num_devices=2", "train_batch_size_per_device=1", "num_cpus_per_worker=0.5",
@@ -142,8 +141,8 @@ def test_train_driver_killed_mid_run_rerun_resumes_from_its_checkpoint(tmp_path)
             "checkpoint_every_n_steps=2"]
 
     def after_step_3():
-        logged, checkpointed = training_progress(tmp_path / ".03_dpo_train.work")
-        return logged >= 3 and checkpointed == 2  # the step-2 checkpoint is one the rerun finds
+        last, checkpointed = training_progress(tmp_path / ".03_dpo_train.work")
+        return last["step"] >= 3 and checkpointed == 2  # the step-2 checkpoint is one the rerun finds
 
     proc = start("03_dpo_train/train.py", DPO_CONFIG, *sets)
     kill_when(proc, after_step_3, timeout=900)
